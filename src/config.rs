@@ -1,0 +1,400 @@
+//! Configuration: the only reader of the environment.
+//!
+//! `VARS` is the single table of variables (name, default, help); it feeds the parser,
+//! `runnel --help` and the README test. Parsing turns strings into types once, so a
+//! `Config` cannot hold an invalid value. Invariant: nothing else in the crate calls
+//! `std::env`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroUsize,
+    time::Duration,
+};
+
+use rustls::pki_types::ServerName;
+
+use crate::{error::ConfigError, tls};
+
+/// One environment variable runnel reads.
+pub struct Var {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every variable runnel reads, in the order `--help` and the README list them.
+pub const VARS: &[Var] = &[
+    Var { name: "PORT", default: "8080", help: "Cloud Run's port; used when RUNNEL_LISTEN is unset" },
+    Var { name: "RUNNEL_LISTEN", default: "0.0.0.0:$PORT", help: "downstream listen address (IPv6 [::]:p accepted)" },
+    Var { name: "RUNNEL_UPSTREAM", default: "(required)", help: "host:port of the internal load balancer / gateway; host is a DNS name or an IP" },
+    Var { name: "RUNNEL_SERVER_NAME", default: "host of RUNNEL_UPSTREAM if a DNS name", help: "SNI sent and name verified in the gateway certificate; required when the upstream is an IP" },
+    Var { name: "RUNNEL_TLS_CA_FILE", default: "(one of _FILE/_PEM required)", help: "trust anchors for the gateway certificate (only these), PEM file" },
+    Var { name: "RUNNEL_TLS_CA_PEM", default: "", help: "the same, PEM text" },
+    Var { name: "RUNNEL_TLS_CERT_FILE", default: "(one of _FILE/_PEM required)", help: "client certificate chain, PEM file" },
+    Var { name: "RUNNEL_TLS_CERT_PEM", default: "", help: "the same, PEM text" },
+    Var { name: "RUNNEL_TLS_KEY_FILE", default: "(one of _FILE/_PEM required)", help: "client private key (PKCS#8, SEC1 or PKCS#1), PEM file" },
+    Var { name: "RUNNEL_TLS_KEY_PEM", default: "", help: "the same, PEM text" },
+    Var { name: "RUNNEL_TLS_MIN_VERSION", default: "1.2", help: "lowest TLS version offered: 1.2 or 1.3" },
+    Var { name: "RUNNEL_ALPN", default: "auto", help: "auto (h2 for an h2c preface, else http/1.1), none, or a comma list sent as is" },
+    Var { name: "RUNNEL_CONNECT_TIMEOUT", default: "5s", help: "TCP connect + TLS handshake, one deadline" },
+    Var { name: "RUNNEL_IDLE_TIMEOUT", default: "1h", help: "no bytes either way for this long closes the pair; 0 = off" },
+    Var { name: "RUNNEL_DRAIN_TIMEOUT", default: "8s", help: "after SIGTERM, how long open connections may finish" },
+    Var { name: "RUNNEL_MAX_CONNECTIONS", default: "10000", help: "downstream connections at once; more wait in the backlog" },
+    Var { name: "RUNNEL_METRICS_ADDR", default: "0.0.0.0:9090", help: "Prometheus /metrics address, or off; must not be the listen port" },
+    Var { name: "RUNNEL_LOG", default: "info", help: "log filter (tracing EnvFilter syntax)" },
+    Var { name: "RUNNEL_LOG_FORMAT", default: "json", help: "json (Cloud Logging) or text" },
+    Var { name: "RUNNEL_WORKERS", default: "CPUs available (cgroup aware)", help: "runtime worker threads" },
+];
+
+/// A fully parsed and checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub server_name: ServerName<'static>,
+    pub tls: tls::Material,
+    pub min_version: TlsMinVersion,
+    pub alpn: AlpnPolicy,
+    pub connect_timeout: Duration,
+    /// `None` when the idle timeout is off.
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    /// `None` when metrics are off.
+    pub metrics_addr: Option<SocketAddr>,
+    pub log_filter: String,
+    pub log_format: LogFormat,
+    pub workers: usize,
+}
+
+/// The upstream as configured: a DNS name or an IP, and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub host: UpstreamHost,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamHost {
+    Dns(String),
+    Ip(IpAddr),
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            UpstreamHost::Dns(name) => write!(f, "{name}:{}", self.port),
+            UpstreamHost::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMinVersion {
+    Tls12,
+    Tls13,
+}
+
+/// What runnel offers in ALPN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlpnPolicy {
+    /// Peek at the first downstream bytes: the h2c preface means `h2`, anything else `http/1.1`.
+    Auto,
+    /// Offer no ALPN.
+    None,
+    /// Offer exactly this list, in order.
+    List(Vec<Vec<u8>>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Warnings found while parsing, logged once logging is up.
+pub type Warnings = Vec<String>;
+
+impl Config {
+    /// Reads the process environment. The only call to `std::env` in the crate.
+    pub fn from_env() -> Result<(Config, Warnings), ConfigError> {
+        let mut vars = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().map(str::to_owned) else { continue };
+            if !is_ours(&name) {
+                continue;
+            }
+            let value = value.into_string().map_err(|_| ConfigError::new(name.clone(), "value is not valid UTF-8"))?;
+            vars.push((name, value));
+        }
+        Self::from_vars(vars)
+    }
+
+    /// Parses a configuration from name/value pairs (tests inject these).
+    pub fn from_vars<I, K, V>(vars: I) -> Result<(Config, Warnings), ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let env = Env::new(vars)?;
+        let mut warnings = Vec::new();
+        let port: u16 = env.parse_or("PORT", 8080, parse_port)?;
+        let listen = env.parse_or("RUNNEL_LISTEN", SocketAddr::from(([0, 0, 0, 0], port)), parse_addr)?;
+        let upstream = env.required("RUNNEL_UPSTREAM", parse_upstream)?;
+        let server_name = match env.get("RUNNEL_SERVER_NAME")? {
+            Some(s) => ServerName::try_from(s.to_owned())
+                .map_err(|_| ConfigError::new("RUNNEL_SERVER_NAME", format!("{s:?} is not a valid DNS name or IP address")))?,
+            None => default_server_name(&upstream)?,
+        };
+        let tls = tls::Material::load(&env.tls_sources()?, &mut warnings)?;
+        let min_version = env.parse_or("RUNNEL_TLS_MIN_VERSION", TlsMinVersion::Tls12, |s| match s {
+            "1.2" => Ok(TlsMinVersion::Tls12),
+            "1.3" => Ok(TlsMinVersion::Tls13),
+            _ => Err("must be 1.2 or 1.3".into()),
+        })?;
+        let alpn = env.parse_or("RUNNEL_ALPN", AlpnPolicy::Auto, parse_alpn)?;
+        let connect_timeout = env.parse_or("RUNNEL_CONNECT_TIMEOUT", Duration::from_secs(5), parse_positive_duration)?;
+        let idle = env.parse_or("RUNNEL_IDLE_TIMEOUT", Duration::from_secs(3600), parse_duration)?;
+        let drain_timeout = env.parse_or("RUNNEL_DRAIN_TIMEOUT", Duration::from_secs(8), parse_duration)?;
+        let max_connections = env.parse_or("RUNNEL_MAX_CONNECTIONS", 10_000, |s| parse_count(s, 1_000_000))?;
+        let metrics_addr = env.parse_or("RUNNEL_METRICS_ADDR", Some(SocketAddr::from(([0, 0, 0, 0], 9090))), |s| {
+            if s == "off" { Ok(None) } else { parse_addr(s).map(Some) }
+        })?;
+        if let Some(m) = metrics_addr {
+            if m.port() != 0 && m.port() == listen.port() {
+                return Err(ConfigError::new(
+                    "RUNNEL_METRICS_ADDR",
+                    format!("port {} is the listen port; a Prometheus scrape there would be tunnelled to the gateway", m.port()),
+                ));
+            }
+        }
+        let log_filter = env.parse_or("RUNNEL_LOG", "info".to_owned(), |s| {
+            tracing_subscriber::EnvFilter::try_new(s).map(|_| s.to_owned()).map_err(|e| format!("invalid filter: {e}"))
+        })?;
+        let log_format = env.parse_or("RUNNEL_LOG_FORMAT", LogFormat::Json, |s| match s {
+            "json" => Ok(LogFormat::Json),
+            "text" => Ok(LogFormat::Text),
+            _ => Err("must be json or text".into()),
+        })?;
+        let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let workers = env.parse_or("RUNNEL_WORKERS", cpus, |s| parse_count(s, 1024))?;
+        let config = Config {
+            listen,
+            upstream,
+            server_name,
+            tls,
+            min_version,
+            alpn,
+            connect_timeout,
+            idle_timeout: (!idle.is_zero()).then_some(idle),
+            drain_timeout,
+            max_connections,
+            metrics_addr,
+            log_filter,
+            log_format,
+            workers,
+        };
+        Ok((config, warnings))
+    }
+}
+
+/// Renders the variable table for `runnel --help`.
+pub fn help_table() -> String {
+    let width = VARS.iter().map(|v| v.name.len()).max().unwrap_or(0);
+    let mut out = String::from("Environment variables:\n");
+    for v in VARS {
+        let default = if v.default.is_empty() { String::new() } else { format!(" [default: {}]", v.default) };
+        out.push_str(&format!("  {:width$}  {}{}\n", v.name, v.help, default));
+    }
+    out
+}
+
+/// Parses a duration such as `250ms`, `5s`, `2m` or `1h` (`0` alone is zero).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration (use 250ms, 5s, 2m, 1h)"))?;
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(format!("{s:?} is not a duration (use 250ms, 5s, 2m, 1h)")),
+    };
+    millis
+        .filter(|&ms| ms <= 365 * 24 * 3_600_000)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is too long (at most a year)"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    s.parse::<u16>().map_err(|_| format!("{s:?} is not a port number (0-65535)"))
+}
+
+fn parse_count(s: &str, max: usize) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?} is not a whole number from 1 to {max}")),
+    }
+}
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("{s:?} is not an address like 0.0.0.0:8080 or [::]:8080"))
+}
+
+fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return match addr.port() {
+            0 => Err("port must not be 0".into()),
+            port => Ok(Upstream { host: UpstreamHost::Ip(addr.ip()), port }),
+        };
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let port = match host.contains(':') {
+        true => return Err(format!("{s:?}: write an IPv6 upstream as [addr]:port")),
+        false => port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?,
+    };
+    match ServerName::try_from(host) {
+        Ok(ServerName::DnsName(_)) => Ok(Upstream { host: UpstreamHost::Dns(host.to_ascii_lowercase()), port }),
+        Ok(ServerName::IpAddress(ip)) => Ok(Upstream { host: UpstreamHost::Ip(IpAddr::from(ip)), port }),
+        _ => Err(format!("{host:?} is not a valid DNS name or IP address")),
+    }
+}
+
+fn parse_alpn(s: &str) -> Result<AlpnPolicy, String> {
+    match s {
+        "auto" => return Ok(AlpnPolicy::Auto),
+        "none" => return Ok(AlpnPolicy::None),
+        _ => {}
+    }
+    let mut list = Vec::new();
+    for proto in s.split(',').map(str::trim) {
+        if proto.is_empty() || proto.len() > 255 || !proto.is_ascii() {
+            return Err(format!("{s:?}: use auto, none, or a comma list of protocol names (1-255 ASCII bytes each)"));
+        }
+        list.push(proto.as_bytes().to_vec());
+    }
+    Ok(AlpnPolicy::List(list))
+}
+
+fn default_server_name(upstream: &Upstream) -> Result<ServerName<'static>, ConfigError> {
+    match &upstream.host {
+        UpstreamHost::Dns(name) => ServerName::try_from(name.clone())
+            .map_err(|_| ConfigError::new("RUNNEL_UPSTREAM", format!("{name:?} is not a valid DNS name"))),
+        UpstreamHost::Ip(_) => Err(ConfigError::new(
+            "RUNNEL_SERVER_NAME",
+            "required when RUNNEL_UPSTREAM is an IP address: no SNI is sent for an IP, and an Istio Gateway \
+             with specific hosts then drops the connection (filter_chain_not_found); set it to a name in the gateway certificate",
+        )),
+    }
+}
+
+fn is_ours(name: &str) -> bool {
+    name == "PORT" || name.starts_with("RUNNEL_")
+}
+
+fn static_name(name: &str) -> Option<&'static str> {
+    VARS.iter().find(|v| v.name == name).map(|v| v.name)
+}
+
+/// The variables given to runnel, checked against `VARS`.
+struct Env {
+    values: BTreeMap<&'static str, String>,
+}
+
+impl Env {
+    fn new<I, K, V>(vars: I) -> Result<Env, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut values = BTreeMap::new();
+        for (name, value) in vars {
+            let name = name.into();
+            if !is_ours(&name) {
+                continue;
+            }
+            let Some(known) = static_name(&name) else {
+                return Err(unknown_variable(&name));
+            };
+            values.insert(known, value.into());
+        }
+        Ok(Env { values })
+    }
+
+    /// The value if set; an empty value is an error, not "unset".
+    fn get(&self, name: &'static str) -> Result<Option<&str>, ConfigError> {
+        match self.values.get(name).map(String::as_str) {
+            Some("") => Err(ConfigError::new(name, "is set but empty")),
+            other => Ok(other),
+        }
+    }
+
+    fn parse_or<T>(&self, name: &'static str, default: T, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        match self.get(name)? {
+            Some(s) => parse(s.trim()).map_err(|reason| ConfigError::new(name, reason)),
+            None => Ok(default),
+        }
+    }
+
+    fn required<T>(&self, name: &'static str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        let s = self.get(name)?.ok_or_else(|| ConfigError::new(name, "required, but not set"))?;
+        parse(s.trim()).map_err(|reason| ConfigError::new(name, reason))
+    }
+
+    /// Exactly one of `<stem>_FILE` and `<stem>_PEM` for each of CA, certificate and key.
+    fn tls_sources(&self) -> Result<tls::Sources, ConfigError> {
+        Ok(tls::Sources {
+            ca: self.one_of("RUNNEL_TLS_CA_FILE", "RUNNEL_TLS_CA_PEM")?,
+            cert: self.one_of("RUNNEL_TLS_CERT_FILE", "RUNNEL_TLS_CERT_PEM")?,
+            key: self.one_of("RUNNEL_TLS_KEY_FILE", "RUNNEL_TLS_KEY_PEM")?,
+        })
+    }
+
+    fn one_of(&self, file: &'static str, pem: &'static str) -> Result<tls::Source, ConfigError> {
+        match (self.get(file)?, self.get(pem)?) {
+            (Some(path), None) => Ok(tls::Source::File { var: file, path: path.into() }),
+            (None, Some(text)) => Ok(tls::Source::Pem { var: pem, text: text.to_owned() }),
+            (Some(_), Some(_)) => Err(ConfigError::new(file, format!("set only one of {file} and {pem}"))),
+            (None, None) => Err(ConfigError::new(file, format!("required: set {file} or {pem}"))),
+        }
+    }
+}
+
+fn unknown_variable(name: &str) -> ConfigError {
+    let closest = VARS
+        .iter()
+        .map(|v| (edit_distance(name, v.name), v.name))
+        .min()
+        .map(|(_, n)| n)
+        .unwrap_or("RUNNEL_UPSTREAM");
+    ConfigError::new(name.to_owned(), format!("unknown variable; did you mean {closest}?"))
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}

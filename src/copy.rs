@@ -1,0 +1,265 @@
+//! The two-way copy between a downstream TCP stream and an upstream TLS stream.
+//!
+//! Both directions are polled in one task, so the copy sees every way a connection
+//! can end and reports it as an `Outcome`. Half-close is honoured both ways: an EOF
+//! on one side shuts down only the write half of the other (close_notify + FIN
+//! upstream, FIN downstream) while the opposite direction keeps flowing.
+//!
+//! Invariant: an upstream that stops without close_notify (TLS truncation), a reset,
+//! or any error ends both sides with RST, never with a clean FIN the downstream could
+//! mistake for a complete response.
+
+use std::{
+    future::poll_fn,
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::Instant,
+};
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::{error::Outcome, metrics::Handles, socket};
+
+/// A first read's buffer: one TLS record's worth of plaintext.
+const SMALL_BUF: usize = 16 * 1024;
+/// Once a read fills the small buffer, the stream is busy: read in larger gulps, so
+/// rustls can emit several records in one vectored write.
+const LARGE_BUF: usize = 64 * 1024;
+/// How long a graceful close after an idle timeout may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Which side a direction reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+}
+
+impl Side {
+    pub fn label(self) -> &'static str {
+        match self {
+            Side::Downstream => "downstream",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// How the copy ended, with byte counts kept even on error.
+#[derive(Debug, Clone, Copy)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub to_upstream: u64,
+    pub to_downstream: u64,
+    /// The side whose EOF (or error) came first, if any.
+    pub closed_first: Option<Side>,
+}
+
+/// Copies both ways until both directions end, an error, the idle timeout or `abort`.
+///
+/// `initial` holds downstream bytes already read (the first bytes); they go first.
+/// Consumes both streams and closes them: gracefully on a clean end, with RST otherwise.
+pub async fn run(
+    mut down: TcpStream,
+    mut up: TlsStream<TcpStream>,
+    initial: Vec<u8>,
+    idle: Option<Duration>,
+    abort: &CancellationToken,
+) -> Report {
+    let handles = Handles::get();
+    let mut to_up = Half::new(initial);
+    let mut to_down = Half::new(Vec::new());
+    let mut closed_first = None;
+    let mut last_activity = Instant::now();
+    let idle_sleep = idle.map(|d| tokio::time::sleep(d));
+    tokio::pin!(idle_sleep);
+    let aborted = abort.cancelled();
+    tokio::pin!(aborted);
+
+    let outcome = poll_fn(|cx| {
+        if aborted.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Outcome::DrainAborted);
+        }
+        let mut active = false;
+        if !to_up.done {
+            match to_up.poll(cx, Pin::new(&mut down), Pin::new(&mut up), &handles.to_upstream, &mut active) {
+                Poll::Ready(Ok(())) => {
+                    closed_first.get_or_insert(Side::Downstream);
+                }
+                Poll::Ready(Err(e)) => {
+                    closed_first.get_or_insert(Side::Downstream);
+                    return Poll::Ready(e.outcome(Side::Downstream));
+                }
+                Poll::Pending => {}
+            }
+        }
+        if !to_down.done {
+            match to_down.poll(cx, Pin::new(&mut up), Pin::new(&mut down), &handles.to_downstream, &mut active) {
+                Poll::Ready(Ok(())) => {
+                    closed_first.get_or_insert(Side::Upstream);
+                }
+                Poll::Ready(Err(e)) => {
+                    closed_first.get_or_insert(Side::Upstream);
+                    return Poll::Ready(e.outcome(Side::Upstream));
+                }
+                Poll::Pending => {}
+            }
+        }
+        if to_up.done && to_down.done {
+            return Poll::Ready(Outcome::Clean);
+        }
+        if active {
+            last_activity = Instant::now();
+        }
+        poll_idle(cx, idle_sleep.as_mut().as_pin_mut(), idle, last_activity)
+    })
+    .await;
+
+    let report = Report { outcome, to_upstream: to_up.bytes, to_downstream: to_down.bytes, closed_first };
+    match outcome {
+        Outcome::Clean => {}
+        Outcome::IdleTimeout => close_gracefully(&mut down, &mut up).await,
+        _ => {
+            socket::abort(&down);
+            socket::abort(up.get_ref().0);
+        }
+    }
+    report
+}
+
+/// Fires once nothing has moved for `idle`; re-arms itself lazily so that active
+/// connections do not touch the timer on every chunk.
+fn poll_idle(cx: &mut Context<'_>, sleep: Option<Pin<&mut tokio::time::Sleep>>, idle: Option<Duration>, last: Instant) -> Poll<Outcome> {
+    let (Some(mut sleep), Some(idle)) = (sleep, idle) else { return Poll::Pending };
+    loop {
+        ready!(sleep.as_mut().poll(cx));
+        let deadline = last + idle;
+        if deadline <= Instant::now() {
+            return Poll::Ready(Outcome::IdleTimeout);
+        }
+        sleep.as_mut().reset(deadline);
+    }
+}
+
+async fn close_gracefully(down: &mut TcpStream, up: &mut TlsStream<TcpStream>) {
+    use tokio::io::AsyncWriteExt;
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = up.shutdown().await;
+        let _ = down.shutdown().await;
+    })
+    .await;
+}
+
+/// A failed direction: which operation failed decides the side at fault.
+enum HalfError {
+    Read(io::Error),
+    Write,
+}
+
+impl HalfError {
+    /// The outcome for a direction reading from `from`.
+    fn outcome(&self, from: Side) -> Outcome {
+        match (self, from) {
+            (HalfError::Read(_), Side::Downstream) | (HalfError::Write, Side::Upstream) => Outcome::DownstreamReset,
+            (HalfError::Write, Side::Downstream) => Outcome::UpstreamReset,
+            (HalfError::Read(e), Side::Upstream) => match e.kind() {
+                // rustls reports a TCP EOF without close_notify as UnexpectedEof.
+                io::ErrorKind::UnexpectedEof => Outcome::UpstreamTruncated,
+                io::ErrorKind::InvalidData => Outcome::UpstreamTlsError,
+                _ => Outcome::UpstreamReset,
+            },
+        }
+    }
+}
+
+/// One direction: reader -> buffer -> writer, then shutdown of the writer on EOF.
+struct Half {
+    /// Held only while bytes are in flight; dropped when the reader has nothing, so an
+    /// idle connection holds no copy buffers. Bytes `start..end` are still to write.
+    buf: Option<Vec<u8>>,
+    start: usize,
+    end: usize,
+    size: usize,
+    read_eof: bool,
+    need_flush: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Half {
+    fn new(initial: Vec<u8>) -> Half {
+        let end = initial.len();
+        let buf = (end > 0).then_some(initial);
+        Half { buf, start: 0, end, size: SMALL_BUF, read_eof: false, need_flush: false, done: false, bytes: 0 }
+    }
+
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        counter: &metrics::Counter,
+        active: &mut bool,
+    ) -> Poll<Result<(), HalfError>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if let Some(buf) = &self.buf {
+                while self.start < self.end {
+                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.start..self.end])).map_err(|_| HalfError::Write)?;
+                    if n == 0 {
+                        return Poll::Ready(Err(HalfError::Write));
+                    }
+                    self.start += n;
+                    self.bytes += n as u64;
+                    counter.increment(n as u64);
+                    self.need_flush = true;
+                    *active = true;
+                }
+            }
+            if self.read_eof {
+                self.buf = None;
+                ready!(writer.as_mut().poll_flush(cx)).map_err(|_| HalfError::Write)?;
+                ready!(writer.as_mut().poll_shutdown(cx)).map_err(|_| HalfError::Write)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            let size = self.size;
+            let buf = match &mut self.buf {
+                Some(buf) if buf.len() >= size => buf,
+                slot => slot.insert(vec![0; size]),
+            };
+            let mut read_buf = ReadBuf::new(buf);
+            match reader.as_mut().poll_read(cx, &mut read_buf) {
+                Poll::Pending => {
+                    // Nothing to read: hold no buffer while idle, and push out what was written.
+                    self.buf = None;
+                    if self.need_flush {
+                        ready!(writer.as_mut().poll_flush(cx)).map_err(|_| HalfError::Write)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
+                Poll::Ready(Ok(())) => {
+                    let n = read_buf.filled().len();
+                    *active = true;
+                    if n == 0 {
+                        self.read_eof = true;
+                    } else if n == size {
+                        self.size = LARGE_BUF;
+                    }
+                    (self.start, self.end) = (0, n);
+                }
+            }
+        }
+    }
+}

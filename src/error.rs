@@ -1,0 +1,120 @@
+//! Typed errors, and `Outcome`: how one tunnelled connection ended.
+//!
+//! Invariant: every `Outcome` maps to a fixed label (`Outcome::label`), so metric
+//! label sets stay bounded whatever the network does.
+
+use std::{borrow::Cow, io};
+
+/// An operator error found at start-up: the variable at fault and why.
+///
+/// Displayed as the one line runnel prints before exiting with code 64.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {reason}")]
+pub struct ConfigError {
+    pub var: Cow<'static, str>,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(var: impl Into<Cow<'static, str>>, reason: impl Into<String>) -> Self {
+        Self {
+            var: var.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no address for the upstream yet (DNS: {0})")]
+    Dns(String),
+    #[error("TCP connect to the upstream failed: {0}")]
+    Tcp(io::Error),
+    #[error("upstream connect and handshake exceeded the connect timeout")]
+    Timeout,
+    #[error("TLS handshake with the upstream failed: {0}")]
+    Handshake(io::Error),
+    #[error("the upstream selected ALPN {0:?}, which was not offered")]
+    AlpnMismatch(String),
+}
+
+impl ConnectError {
+    /// The outcome a downstream connection gets when its upstream fails this way.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Dns(_) | Self::Tcp(_) => Outcome::ConnectFailed,
+            Self::Timeout => Outcome::ConnectTimeout,
+            Self::Handshake(_) => Outcome::HandshakeFailed,
+            Self::AlpnMismatch(_) => Outcome::AlpnMismatch,
+        }
+    }
+}
+
+/// How one downstream connection ended. Labels are API (metrics, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both directions ended with FIN / close_notify.
+    Clean,
+    /// The downstream closed before sending a byte (a TCP probe); no upstream was opened.
+    NoData,
+    /// The downstream reset or failed; the upstream was reset too.
+    DownstreamReset,
+    /// The upstream reset or failed; the downstream was reset too.
+    UpstreamReset,
+    /// The upstream closed TCP without close_notify; the downstream was reset.
+    UpstreamTruncated,
+    /// The upstream sent a TLS alert or malformed TLS after the handshake.
+    UpstreamTlsError,
+    /// No byte moved either way for `RUNNEL_IDLE_TIMEOUT`.
+    IdleTimeout,
+    /// TCP connect to every upstream address failed (or no address was known).
+    ConnectFailed,
+    /// Connect + handshake did not finish within `RUNNEL_CONNECT_TIMEOUT`.
+    ConnectTimeout,
+    /// The TLS handshake failed (certificate, protocol, alert).
+    HandshakeFailed,
+    /// The upstream answered with an ALPN protocol that was not offered.
+    AlpnMismatch,
+    /// Still open at the drain deadline; both sides were reset.
+    DrainAborted,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 12] = [
+        Self::Clean,
+        Self::NoData,
+        Self::DownstreamReset,
+        Self::UpstreamReset,
+        Self::UpstreamTruncated,
+        Self::UpstreamTlsError,
+        Self::IdleTimeout,
+        Self::ConnectFailed,
+        Self::ConnectTimeout,
+        Self::HandshakeFailed,
+        Self::AlpnMismatch,
+        Self::DrainAborted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Clean => "clean",
+            Self::NoData => "no_data",
+            Self::DownstreamReset => "downstream_reset",
+            Self::UpstreamReset => "upstream_reset",
+            Self::UpstreamTruncated => "upstream_truncated",
+            Self::UpstreamTlsError => "upstream_tls_error",
+            Self::IdleTimeout => "idle_timeout",
+            Self::ConnectFailed => "connect_failed",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::HandshakeFailed => "handshake_failed",
+            Self::AlpnMismatch => "alpn_mismatch",
+            Self::DrainAborted => "drain_aborted",
+        }
+    }
+
+    /// Whether the downstream saw a clean end (FIN) rather than a reset.
+    pub fn is_clean(self) -> bool {
+        matches!(self, Self::Clean | Self::NoData | Self::IdleTimeout)
+    }
+}

@@ -1,0 +1,107 @@
+//! runnel: a layer-4 tunnel from plaintext TCP (downstream) to mutual TLS (upstream).
+//!
+//! Data flow for one connection:
+//!
+//! ```text
+//! server (permit, accept) -> tunnel -> detect (first bytes, ALPN offer)
+//!                                   -> connect (resolve, TCP + TLS under one deadline)
+//!                                   -> copy (both ways, half-close, resets) -> Outcome
+//! ```
+//!
+//! Modules:
+//! - `config`: the only reader of the environment; `Config` holds parsed, checked values.
+//! - `tls`: CA, client identity and one `ClientConfig` per ALPN offer, built once.
+//! - `connect`: DNS, TCP connect and TLS handshake under one deadline.
+//! - `detect`: the first downstream bytes and the ALPN offer they imply.
+//! - `copy`: the two-way copy with half-close, truncation and reset handling.
+//! - `tunnel`: one downstream connection end to end, one span, one outcome.
+//! - `server`: the accept loop with permits and backoff.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz` on the metrics port.
+//! - `metrics`, `logging`, `socket`, `error`: names, output, socket options, types.
+//! - `check`, `demo`: the `runnel check` and `runnel demo` commands.
+//!
+//! [`run`] is the entry point: tests drive it on listeners they bound themselves.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod check;
+pub mod config;
+pub mod connect;
+pub mod copy;
+pub mod demo;
+pub mod detect;
+pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod socket;
+pub mod tls;
+pub mod tunnel;
+
+use std::{future::Future, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+pub use crate::config::Config;
+use crate::{admin::Health, connect::Connector, tunnel::Shared};
+
+/// After the drain deadline resets what is left, how long those tasks get to finish.
+const ABORT_GRACE: Duration = Duration::from_secs(1);
+
+/// The listeners runnel serves, bound by the caller (tests bind `127.0.0.1:0`).
+pub struct Listeners {
+    pub tunnel: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`; `None` when metrics are off.
+    pub admin: Option<TcpListener>,
+}
+
+/// Serves until `shutdown` completes, then drains for `RUNNEL_DRAIN_TIMEOUT` and
+/// resets what is still open.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), rustls::Error> {
+    let prometheus = metrics::install();
+    ::metrics::gauge!(metrics::CLIENT_CERT_NOT_AFTER).set(config.tls.cert_not_after as f64);
+    let config = Arc::new(config);
+    let shared = Arc::new(Shared {
+        connector: Connector::new(&config)?,
+        config: config.clone(),
+        stop: CancellationToken::new(),
+        abort: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let health = Arc::new(Health::default());
+    let admin_stop = CancellationToken::new();
+
+    let dns = shared.clone();
+    tracker.spawn(async move { dns.connector.refresh_dns(dns.stop.clone()).await });
+    let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(admin) = listeners.admin {
+        // The admin port has its own tracker: it keeps answering (/readyz = 503) while draining.
+        tokio::spawn(admin::serve(admin, prometheus, health.clone(), admin_stop.clone(), TaskTracker::new()));
+    }
+    let listen_addr = listeners.tunnel.local_addr().ok();
+    health.listening.store(true, Ordering::Relaxed);
+    tracing::info!(
+        listen.addr = listen_addr.map(|a| a.to_string()),
+        metrics.addr = admin_addr.map(|a| a.to_string()),
+        upstream = %config.upstream,
+        server_name = ?config.server_name,
+        "listening"
+    );
+
+    server::accept_loop(listeners.tunnel, shared.clone(), &tracker, shutdown).await;
+
+    health.draining.store(true, Ordering::Relaxed);
+    ::metrics::gauge!(metrics::DRAINING).set(1.0);
+    shared.stop.cancel();
+    tracker.close();
+    tracing::info!(open = tracker.len(), drain_timeout_ms = config.drain_timeout.as_millis() as u64, "draining");
+    if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "drain deadline reached; resetting open connections");
+        shared.abort.cancel();
+        let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
+    }
+    admin_stop.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}

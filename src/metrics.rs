@@ -1,0 +1,117 @@
+//! Metrics: every metric name as a constant, its description and buckets, and the
+//! Prometheus recorder.
+//!
+//! Invariant: names here are API (the README table is checked against `CATALOGUE`);
+//! labels take values only from enums, never from addresses or error text.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::error::Outcome;
+
+pub const CONNECTIONS_ACCEPTED: &str = "runnel_downstream_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "runnel_downstream_connections_active";
+pub const CONNECTIONS_CLOSED: &str = "runnel_downstream_connections_closed_total";
+pub const BYTES: &str = "runnel_bytes_total";
+pub const HANDSHAKE_DURATION: &str = "runnel_upstream_handshake_duration_seconds";
+pub const CONNECT_DURATION: &str = "runnel_upstream_connect_duration_seconds";
+pub const HANDSHAKES: &str = "runnel_upstream_handshakes_total";
+pub const ACCEPT_ERRORS: &str = "runnel_accept_errors_total";
+pub const CLIENT_CERT_NOT_AFTER: &str = "runnel_client_certificate_not_after_timestamp_seconds";
+pub const DRAINING: &str = "runnel_draining";
+pub const BUILD_INFO: &str = "runnel_build_info";
+
+/// (name, kind, labels, description): the catalogue the README documents.
+pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
+    (CONNECTIONS_ACCEPTED, "counter", "", "downstream connections accepted"),
+    (CONNECTIONS_ACTIVE, "gauge", "", "downstream connections open now"),
+    (CONNECTIONS_CLOSED, "counter", "outcome", "downstream connections closed, by how they ended"),
+    (BYTES, "counter", "direction", "bytes tunnelled: to_upstream, to_downstream"),
+    (CONNECT_DURATION, "histogram", "", "upstream TCP connect time"),
+    (HANDSHAKE_DURATION, "histogram", "kind", "upstream TLS handshake time: full, resumed"),
+    (HANDSHAKES, "counter", "kind, result", "upstream TLS handshakes: kind full/resumed/none, result ok/error"),
+    (ACCEPT_ERRORS, "counter", "", "downstream accept errors (each one backs off)"),
+    (CLIENT_CERT_NOT_AFTER, "gauge", "", "client certificate notAfter, Unix seconds"),
+    (DRAINING, "gauge", "", "1 while draining after SIGTERM"),
+    (BUILD_INFO, "gauge", "version, commit", "always 1; labels carry the build"),
+];
+
+/// Seconds: from 250 µs (resumed handshake on loopback) to the 5 s default deadline.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the global recorder once (tests start many servers in one process).
+pub fn install() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .map(PrometheusBuilder::build_recorder);
+        let recorder = match recorder {
+            Ok(r) => r,
+            // Only reachable with an empty bucket list, which LATENCY_BUCKETS is not.
+            Err(_) => PrometheusBuilder::new().build_recorder(),
+        };
+        let handle = recorder.handle();
+        // A second install (another recorder already set) keeps the first: harmless.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => option_env!("RUNNEL_BUILD_COMMIT").unwrap_or("unknown")).set(1.0);
+        handle
+    })
+}
+
+fn describe() {
+    for (name, kind, _, help) in CATALOGUE {
+        let unit = if name.ends_with("_seconds") { Some(Unit::Seconds) } else if name.ends_with("_bytes_total") { Some(Unit::Bytes) } else { None };
+        match (*kind, unit) {
+            ("counter", Some(u)) => metrics::describe_counter!(*name, u, *help),
+            ("counter", None) => metrics::describe_counter!(*name, *help),
+            ("gauge", _) => metrics::describe_gauge!(*name, *help),
+            (_, Some(u)) => metrics::describe_histogram!(*name, u, *help),
+            (_, None) => metrics::describe_histogram!(*name, *help),
+        }
+    }
+}
+
+/// Handles for the hot path, looked up once.
+pub struct Handles {
+    pub accepted: Counter,
+    pub active: Gauge,
+    pub to_upstream: Counter,
+    pub to_downstream: Counter,
+    pub connect: Histogram,
+    pub handshake_full: Histogram,
+    pub handshake_resumed: Histogram,
+    closed: Vec<(Outcome, Counter)>,
+}
+
+impl Handles {
+    pub fn get() -> &'static Handles {
+        static HANDLES: OnceLock<Handles> = OnceLock::new();
+        HANDLES.get_or_init(|| Handles {
+            accepted: metrics::counter!(CONNECTIONS_ACCEPTED),
+            active: metrics::gauge!(CONNECTIONS_ACTIVE),
+            to_upstream: metrics::counter!(BYTES, "direction" => "to_upstream"),
+            to_downstream: metrics::counter!(BYTES, "direction" => "to_downstream"),
+            connect: metrics::histogram!(CONNECT_DURATION),
+            handshake_full: metrics::histogram!(HANDSHAKE_DURATION, "kind" => "full"),
+            handshake_resumed: metrics::histogram!(HANDSHAKE_DURATION, "kind" => "resumed"),
+            closed: Outcome::ALL.iter().map(|o| (*o, metrics::counter!(CONNECTIONS_CLOSED, "outcome" => o.label()))).collect(),
+        })
+    }
+
+    pub fn closed(&self, outcome: Outcome) {
+        if let Some((_, c)) = self.closed.iter().find(|(o, _)| *o == outcome) {
+            c.increment(1);
+        }
+    }
+}
+
+/// Counts one upstream handshake by kind and result.
+pub fn handshake(kind: &'static str, ok: bool) {
+    metrics::counter!(HANDSHAKES, "kind" => kind, "result" => if ok { "ok" } else { "error" }).increment(1);
+}

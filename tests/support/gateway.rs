@@ -1,0 +1,273 @@
+//! In-process test peers: an mTLS gateway (rustls) with scripted behaviours, and
+//! runnel itself driven through `runnel::run` on ephemeral ports.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use runnel::{Config, Listeners, demo::Pki};
+use rustls::ServerConfig;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+/// What the gateway does with each connection after the handshake.
+#[derive(Clone)]
+pub enum Behaviour {
+    /// Echo every byte; on the client's close_notify, finish echoing and close_notify back.
+    Echo,
+    /// Read until the client's close_notify, then reply with the byte count and close.
+    CountThenReply,
+    /// Send this reply, then close_notify + FIN at once, then read and record until EOF.
+    ReplyThenHalfClose(Vec<u8>),
+    /// Read one chunk, send this reply, then close TCP without close_notify (truncation).
+    ReplyThenTruncate(Vec<u8>),
+    /// Read one chunk, then reset the TCP connection.
+    ReadThenReset,
+}
+
+/// What the gateway saw on one connection.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    pub alpn: Option<Vec<u8>>,
+    pub sni: Option<String>,
+    pub resumed: bool,
+    /// Plaintext application bytes received.
+    pub received: Vec<u8>,
+}
+
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Every raw TCP byte the gateway read, TLS records included.
+    pub raw: Arc<Mutex<Vec<u8>>>,
+    /// Connections accepted at the TCP level.
+    pub accepted: Arc<Mutex<usize>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Gateway {
+    pub async fn start(tls: Arc<ServerConfig>, behaviour: Behaviour) -> Gateway {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let raw = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(Mutex::new(0));
+        let acceptor = TlsAcceptor::from(tls);
+        let (s, r, a) = (seen.clone(), raw.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                *a.lock().unwrap() += 1;
+                let (acceptor, behaviour, s, r) = (acceptor.clone(), behaviour.clone(), s.clone(), r.clone());
+                tokio::spawn(async move {
+                    let recording = Recording { inner: tcp, raw: r };
+                    let Ok(tls) = acceptor.accept(recording).await else { return };
+                    let _ = serve(tls, behaviour, s).await;
+                });
+            }
+        });
+        Gateway { addr, seen, raw, accepted, task }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn raw_contains(&self, needle: &[u8]) -> bool {
+        self.raw.lock().unwrap().windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+async fn serve(mut tls: TlsStream<Recording>, behaviour: Behaviour, seen: Arc<Mutex<Vec<Seen>>>) -> io::Result<()> {
+    let index = {
+        let (_, conn) = tls.get_ref();
+        let mut all = seen.lock().unwrap();
+        all.push(Seen {
+            alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+            sni: conn.server_name().map(str::to_owned),
+            resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+            received: Vec::new(),
+        });
+        all.len() - 1
+    };
+    let record = |bytes: &[u8]| seen.lock().unwrap()[index].received.extend_from_slice(bytes);
+    let mut buf = vec![0u8; 64 * 1024];
+    match behaviour {
+        Behaviour::Echo => loop {
+            let n = tls.read(&mut buf).await?;
+            if n == 0 {
+                return tls.shutdown().await;
+            }
+            tls.write_all(&buf[..n]).await?;
+        },
+        Behaviour::CountThenReply => {
+            let mut total = 0usize;
+            loop {
+                let n = tls.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                record(&buf[..n]);
+                total += n;
+            }
+            tls.write_all(format!("received {total}").as_bytes()).await?;
+            tls.shutdown().await
+        }
+        Behaviour::ReplyThenHalfClose(reply) => {
+            tls.write_all(&reply).await?;
+            tls.shutdown().await?;
+            loop {
+                let n = tls.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                record(&buf[..n]);
+            }
+        }
+        Behaviour::ReplyThenTruncate(reply) => {
+            let n = tls.read(&mut buf).await?;
+            record(&buf[..n]);
+            tls.write_all(&reply).await?;
+            tls.flush().await?;
+            let (mut recording, _) = tls.into_inner();
+            recording.inner.shutdown().await?;
+            // Drain so that closing sends FIN, not RST.
+            while recording.inner.read(&mut buf).await? > 0 {}
+            Ok(())
+        }
+        Behaviour::ReadThenReset => {
+            let n = tls.read(&mut buf).await?;
+            record(&buf[..n]);
+            let (recording, _) = tls.into_inner();
+            socket2::SockRef::from(&recording.inner).set_linger(Some(Duration::ZERO))?;
+            Ok(())
+        }
+    }
+}
+
+/// A TCP stream that keeps a copy of every byte read from it.
+pub struct Recording {
+    pub inner: TcpStream,
+    raw: Arc<Mutex<Vec<u8>>>,
+}
+
+impl AsyncRead for Recording {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            self.raw.lock().unwrap().extend_from_slice(&buf.filled()[before..]);
+        }
+        result
+    }
+}
+
+impl tokio::io::AsyncWrite for Recording {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The variables that point runnel at `gateway` with the PKI's client identity.
+pub fn vars(pki: &Pki, gateway: SocketAddr) -> Vec<(String, String)> {
+    [
+        ("RUNNEL_UPSTREAM", gateway.to_string()),
+        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
+        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
+        ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
+        ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
+        ("RUNNEL_CONNECT_TIMEOUT", "5s".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// runnel served in-process on an ephemeral port.
+pub struct Runnel {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: JoinHandle<()>,
+}
+
+impl Runnel {
+    pub async fn start(vars: Vec<(String, String)>) -> Runnel {
+        let (config, _) = Config::from_vars(vars).unwrap_or_else(|e| panic!("config: {e}"));
+        let tunnel = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (addr, admin_addr) = (tunnel.local_addr().unwrap(), admin.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            runnel::run(config, Listeners { tunnel, admin: Some(admin) }, shutdown).await.unwrap();
+        });
+        Runnel { addr, admin: admin_addr, stop: Some(stop), task }
+    }
+
+    /// Begins the drain, as SIGTERM would.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+}
+
+impl Drop for Runnel {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads until EOF; `Err` carries the kind if the stream ended with an error (a reset).
+pub async fn read_to_end(stream: &mut TcpStream) -> Result<Vec<u8>, (io::ErrorKind, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return Err((e.kind(), out)),
+        }
+    }
+}
+
+/// A fresh PKI for one test.
+pub fn pki() -> Pki {
+    Pki::generate().unwrap()
+}
+
+/// A deadline for anything a test waits on; generous, since tests run in parallel.
+pub const DEADLINE: Duration = Duration::from_secs(30);

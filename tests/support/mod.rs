@@ -1,0 +1,5 @@
+#![allow(dead_code)]
+
+pub mod envoy;
+pub mod gateway;
+pub mod process;
