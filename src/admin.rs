@@ -4,7 +4,10 @@
 //! cannot hold more than one small buffer per connection for more than `READ_TIMEOUT`.
 
 use std::{
-    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -31,7 +34,13 @@ impl Health {
 }
 
 /// Serves the admin port until `stop`.
-pub async fn serve(listener: TcpListener, prometheus: &'static PrometheusHandle, health: Arc<Health>, stop: CancellationToken, tracker: TaskTracker) {
+pub async fn serve(
+    listener: TcpListener,
+    prometheus: &'static PrometheusHandle,
+    health: Arc<Health>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -49,12 +58,22 @@ pub async fn serve(listener: TcpListener, prometheus: &'static PrometheusHandle,
     }
 }
 
-async fn respond(mut stream: TcpStream, prometheus: &PrometheusHandle, health: &Health) -> std::io::Result<()> {
+async fn respond(
+    mut stream: TcpStream,
+    prometheus: &PrometheusHandle,
+    health: &Health,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 2048];
     let mut len = 0;
     while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
         if len == buf.len() {
-            return write(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await;
+            return write(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            )
+            .await;
         }
         let n = stream.read(&mut buf[len..]).await?;
         if n == 0 {
@@ -69,17 +88,38 @@ async fn respond(mut stream: TcpStream, prometheus: &PrometheusHandle, health: &
     match (method, path) {
         ("GET", "/metrics") => {
             prometheus.run_upkeep();
-            write(&mut stream, "200 OK", "text/plain; version=0.0.4", &prometheus.render()).await
+            write(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4",
+                &prometheus.render(),
+            )
+            .await
         }
         ("GET", "/healthz") => write(&mut stream, "200 OK", "text/plain", "ok\n").await,
-        ("GET", "/readyz") if health.ready() => write(&mut stream, "200 OK", "text/plain", "ready\n").await,
-        ("GET", "/readyz") => write(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n").await,
+        ("GET", "/readyz") if health.ready() => {
+            write(&mut stream, "200 OK", "text/plain", "ready\n").await
+        }
+        ("GET", "/readyz") => {
+            write(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready\n",
+            )
+            .await
+        }
         ("GET", _) => write(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
         _ => write(&mut stream, "405 Method Not Allowed", "text/plain", "").await,
     }
 }
 
-async fn write(stream: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+async fn write(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()

@@ -33,26 +33,59 @@ pub async fn run(config: &Config) -> Result<String, String> {
     let _ = writeln!(out, "tls version       {}", info.version);
     let _ = writeln!(out, "cipher suite      {}", info.cipher);
     let _ = writeln!(out, "key exchange      {}", info.kx_group);
-    let _ = writeln!(out, "alpn              {}", info.alpn.as_deref().unwrap_or("(none)"));
+    let _ = writeln!(
+        out,
+        "alpn              {}",
+        info.alpn.as_deref().unwrap_or("(none)")
+    );
     let _ = writeln!(out, "resumed           {}", info.resumed);
-    let _ = writeln!(out, "connect time      {:.3} ms", info.connect_time.as_secs_f64() * 1000.0);
-    let _ = writeln!(out, "handshake time    {:.3} ms", info.handshake_time.as_secs_f64() * 1000.0);
-    if let Some(cert) = connected.stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+    let _ = writeln!(
+        out,
+        "connect time      {:.3} ms",
+        info.connect_time.as_secs_f64() * 1000.0
+    );
+    let _ = writeln!(
+        out,
+        "handshake time    {:.3} ms",
+        info.handshake_time.as_secs_f64() * 1000.0
+    );
+    if let Some(cert) = connected
+        .stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+    {
         describe_gateway(&mut out, cert);
     }
-    let _ = writeln!(out, "client cert until {}", rfc3339(config.tls.cert_not_after));
+    let _ = writeln!(
+        out,
+        "client cert until {}",
+        rfc3339(config.tls.cert_not_after)
+    );
     let _ = connected.stream.shutdown().await;
     Ok(out)
 }
 
 fn describe_gateway(out: &mut String, cert: &CertificateDer<'_>) {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert) else { return };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert) else {
+        return;
+    };
     let _ = writeln!(out, "gateway subject   {}", cert.subject());
     if let Ok(Some(san)) = cert.subject_alternative_name() {
-        let names: Vec<String> = san.value.general_names.iter().map(|n| n.to_string()).collect();
+        let names: Vec<String> = san
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
         let _ = writeln!(out, "gateway SANs      {}", names.join(", "));
     }
-    let _ = writeln!(out, "gateway cert until {}", rfc3339(cert.validity().not_after.timestamp()));
+    let _ = writeln!(
+        out,
+        "gateway cert until {}",
+        rfc3339(cert.validity().not_after.timestamp())
+    );
 }
 
 fn connect_hint(e: &crate::error::ConnectError) -> &'static str {
@@ -61,7 +94,9 @@ fn connect_hint(e: &crate::error::ConnectError) -> &'static str {
         Dns(_) => "check RUNNEL_UPSTREAM's host name",
         Tcp(_) => "check RUNNEL_UPSTREAM and the network path (VPC egress, firewall)",
         Timeout => "nothing answered in time: network path, or RUNNEL_CONNECT_TIMEOUT",
-        Handshake(_) => "check RUNNEL_SERVER_NAME, RUNNEL_TLS_CA_* and that the gateway accepts this client certificate",
+        Handshake(_) => {
+            "check RUNNEL_SERVER_NAME, RUNNEL_TLS_CA_* and that the gateway accepts this client certificate"
+        }
         AlpnMismatch(_) => "check RUNNEL_ALPN",
     }
 }

@@ -25,26 +25,106 @@ pub struct Var {
 
 /// Every variable runnel reads, in the order `--help` and the README list them.
 pub const VARS: &[Var] = &[
-    Var { name: "PORT", default: "8080", help: "Cloud Run's port; used when RUNNEL_LISTEN is unset" },
-    Var { name: "RUNNEL_LISTEN", default: "0.0.0.0:$PORT", help: "downstream listen address (IPv6 [::]:p accepted)" },
-    Var { name: "RUNNEL_UPSTREAM", default: "(required)", help: "host:port of the internal load balancer / gateway; host is a DNS name or an IP" },
-    Var { name: "RUNNEL_SERVER_NAME", default: "host of RUNNEL_UPSTREAM if a DNS name", help: "SNI sent and name verified in the gateway certificate; required when the upstream is an IP" },
-    Var { name: "RUNNEL_TLS_CA_FILE", default: "(one of _FILE/_PEM required)", help: "trust anchors for the gateway certificate (only these), PEM file" },
-    Var { name: "RUNNEL_TLS_CA_PEM", default: "", help: "the same, PEM text" },
-    Var { name: "RUNNEL_TLS_CERT_FILE", default: "(one of _FILE/_PEM required)", help: "client certificate chain, PEM file" },
-    Var { name: "RUNNEL_TLS_CERT_PEM", default: "", help: "the same, PEM text" },
-    Var { name: "RUNNEL_TLS_KEY_FILE", default: "(one of _FILE/_PEM required)", help: "client private key (PKCS#8, SEC1 or PKCS#1), PEM file" },
-    Var { name: "RUNNEL_TLS_KEY_PEM", default: "", help: "the same, PEM text" },
-    Var { name: "RUNNEL_TLS_MIN_VERSION", default: "1.2", help: "lowest TLS version offered: 1.2 or 1.3" },
-    Var { name: "RUNNEL_ALPN", default: "auto", help: "auto (h2 for an h2c preface, else http/1.1), none, or a comma list sent as is" },
-    Var { name: "RUNNEL_CONNECT_TIMEOUT", default: "5s", help: "TCP connect + TLS handshake, one deadline" },
-    Var { name: "RUNNEL_IDLE_TIMEOUT", default: "1h", help: "no bytes either way for this long closes the pair; 0 = off" },
-    Var { name: "RUNNEL_DRAIN_TIMEOUT", default: "8s", help: "after SIGTERM, how long open connections may finish" },
-    Var { name: "RUNNEL_MAX_CONNECTIONS", default: "10000", help: "downstream connections at once; more wait in the backlog" },
-    Var { name: "RUNNEL_METRICS_ADDR", default: "0.0.0.0:9090", help: "Prometheus /metrics address, or off; must not be the listen port" },
-    Var { name: "RUNNEL_LOG", default: "info", help: "log filter (tracing EnvFilter syntax)" },
-    Var { name: "RUNNEL_LOG_FORMAT", default: "json", help: "json (Cloud Logging) or text" },
-    Var { name: "RUNNEL_WORKERS", default: "CPUs available (cgroup aware)", help: "runtime worker threads" },
+    Var {
+        name: "PORT",
+        default: "8080",
+        help: "Cloud Run's port; used when RUNNEL_LISTEN is unset",
+    },
+    Var {
+        name: "RUNNEL_LISTEN",
+        default: "0.0.0.0:$PORT",
+        help: "downstream listen address (IPv6 [::]:p accepted)",
+    },
+    Var {
+        name: "RUNNEL_UPSTREAM",
+        default: "(required)",
+        help: "host:port of the internal load balancer / gateway; host is a DNS name or an IP",
+    },
+    Var {
+        name: "RUNNEL_SERVER_NAME",
+        default: "host of RUNNEL_UPSTREAM if a DNS name",
+        help: "SNI sent and name verified in the gateway certificate; required when the upstream is an IP",
+    },
+    Var {
+        name: "RUNNEL_TLS_CA_FILE",
+        default: "(one of _FILE/_PEM required)",
+        help: "trust anchors for the gateway certificate (only these), PEM file",
+    },
+    Var {
+        name: "RUNNEL_TLS_CA_PEM",
+        default: "",
+        help: "the same, PEM text",
+    },
+    Var {
+        name: "RUNNEL_TLS_CERT_FILE",
+        default: "(one of _FILE/_PEM required)",
+        help: "client certificate chain, PEM file",
+    },
+    Var {
+        name: "RUNNEL_TLS_CERT_PEM",
+        default: "",
+        help: "the same, PEM text",
+    },
+    Var {
+        name: "RUNNEL_TLS_KEY_FILE",
+        default: "(one of _FILE/_PEM required)",
+        help: "client private key (PKCS#8, SEC1 or PKCS#1), PEM file",
+    },
+    Var {
+        name: "RUNNEL_TLS_KEY_PEM",
+        default: "",
+        help: "the same, PEM text",
+    },
+    Var {
+        name: "RUNNEL_TLS_MIN_VERSION",
+        default: "1.2",
+        help: "lowest TLS version offered: 1.2 or 1.3",
+    },
+    Var {
+        name: "RUNNEL_ALPN",
+        default: "auto",
+        help: "auto (h2 for an h2c preface, else http/1.1), none, or a comma list sent as is",
+    },
+    Var {
+        name: "RUNNEL_CONNECT_TIMEOUT",
+        default: "5s",
+        help: "TCP connect + TLS handshake, one deadline",
+    },
+    Var {
+        name: "RUNNEL_IDLE_TIMEOUT",
+        default: "1h",
+        help: "no bytes either way for this long closes the pair; 0 = off",
+    },
+    Var {
+        name: "RUNNEL_DRAIN_TIMEOUT",
+        default: "8s",
+        help: "after SIGTERM, how long open connections may finish",
+    },
+    Var {
+        name: "RUNNEL_MAX_CONNECTIONS",
+        default: "10000",
+        help: "downstream connections at once; more wait in the backlog",
+    },
+    Var {
+        name: "RUNNEL_METRICS_ADDR",
+        default: "0.0.0.0:9090",
+        help: "Prometheus /metrics address, or off; must not be the listen port",
+    },
+    Var {
+        name: "RUNNEL_LOG",
+        default: "info",
+        help: "log filter (tracing EnvFilter syntax)",
+    },
+    Var {
+        name: "RUNNEL_LOG_FORMAT",
+        default: "json",
+        help: "json (Cloud Logging) or text",
+    },
+    Var {
+        name: "RUNNEL_WORKERS",
+        default: "CPUs available (cgroup aware)",
+        help: "runtime worker threads",
+    },
 ];
 
 /// A fully parsed and checked configuration.
@@ -121,11 +201,15 @@ impl Config {
     pub fn from_env() -> Result<(Config, Warnings), ConfigError> {
         let mut vars = Vec::new();
         for (name, value) in std::env::vars_os() {
-            let Some(name) = name.to_str().map(str::to_owned) else { continue };
+            let Some(name) = name.to_str().map(str::to_owned) else {
+                continue;
+            };
             if !is_ours(&name) {
                 continue;
             }
-            let value = value.into_string().map_err(|_| ConfigError::new(name.clone(), "value is not valid UTF-8"))?;
+            let value = value
+                .into_string()
+                .map_err(|_| ConfigError::new(name.clone(), "value is not valid UTF-8"))?;
             vars.push((name, value));
         }
         Self::from_vars(vars)
@@ -141,37 +225,76 @@ impl Config {
         let env = Env::new(vars)?;
         let mut warnings = Vec::new();
         let port: u16 = env.parse_or("PORT", 8080, parse_port)?;
-        let listen = env.parse_or("RUNNEL_LISTEN", SocketAddr::from(([0, 0, 0, 0], port)), parse_addr)?;
+        let listen = env.parse_or(
+            "RUNNEL_LISTEN",
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            parse_addr,
+        )?;
         let upstream = env.required("RUNNEL_UPSTREAM", parse_upstream)?;
         let server_name = match env.get("RUNNEL_SERVER_NAME")? {
-            Some(s) => ServerName::try_from(s.to_owned())
-                .map_err(|_| ConfigError::new("RUNNEL_SERVER_NAME", format!("{s:?} is not a valid DNS name or IP address")))?,
+            Some(s) => ServerName::try_from(s.to_owned()).map_err(|_| {
+                ConfigError::new(
+                    "RUNNEL_SERVER_NAME",
+                    format!("{s:?} is not a valid DNS name or IP address"),
+                )
+            })?,
             None => default_server_name(&upstream)?,
         };
         let tls = tls::Material::load(&env.tls_sources()?, &mut warnings)?;
-        let min_version = env.parse_or("RUNNEL_TLS_MIN_VERSION", TlsMinVersion::Tls12, |s| match s {
-            "1.2" => Ok(TlsMinVersion::Tls12),
-            "1.3" => Ok(TlsMinVersion::Tls13),
-            _ => Err("must be 1.2 or 1.3".into()),
-        })?;
+        let min_version = env.parse_or(
+            "RUNNEL_TLS_MIN_VERSION",
+            TlsMinVersion::Tls12,
+            |s| match s {
+                "1.2" => Ok(TlsMinVersion::Tls12),
+                "1.3" => Ok(TlsMinVersion::Tls13),
+                _ => Err("must be 1.2 or 1.3".into()),
+            },
+        )?;
         let alpn = env.parse_or("RUNNEL_ALPN", AlpnPolicy::Auto, parse_alpn)?;
-        let connect_timeout = env.parse_or("RUNNEL_CONNECT_TIMEOUT", Duration::from_secs(5), parse_positive_duration)?;
-        let idle = env.parse_or("RUNNEL_IDLE_TIMEOUT", Duration::from_secs(3600), parse_duration)?;
-        let drain_timeout = env.parse_or("RUNNEL_DRAIN_TIMEOUT", Duration::from_secs(8), parse_duration)?;
-        let max_connections = env.parse_or("RUNNEL_MAX_CONNECTIONS", 10_000, |s| parse_count(s, 1_000_000))?;
-        let metrics_addr = env.parse_or("RUNNEL_METRICS_ADDR", Some(SocketAddr::from(([0, 0, 0, 0], 9090))), |s| {
-            if s == "off" { Ok(None) } else { parse_addr(s).map(Some) }
+        let connect_timeout = env.parse_or(
+            "RUNNEL_CONNECT_TIMEOUT",
+            Duration::from_secs(5),
+            parse_positive_duration,
+        )?;
+        let idle = env.parse_or(
+            "RUNNEL_IDLE_TIMEOUT",
+            Duration::from_secs(3600),
+            parse_duration,
+        )?;
+        let drain_timeout = env.parse_or(
+            "RUNNEL_DRAIN_TIMEOUT",
+            Duration::from_secs(8),
+            parse_duration,
+        )?;
+        let max_connections = env.parse_or("RUNNEL_MAX_CONNECTIONS", 10_000, |s| {
+            parse_count(s, 1_000_000)
         })?;
+        let metrics_addr = env.parse_or(
+            "RUNNEL_METRICS_ADDR",
+            Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
+            |s| {
+                if s == "off" {
+                    Ok(None)
+                } else {
+                    parse_addr(s).map(Some)
+                }
+            },
+        )?;
         if let Some(m) = metrics_addr {
             if m.port() != 0 && m.port() == listen.port() {
                 return Err(ConfigError::new(
                     "RUNNEL_METRICS_ADDR",
-                    format!("port {} is the listen port; a Prometheus scrape there would be tunnelled to the gateway", m.port()),
+                    format!(
+                        "port {} is the listen port; a Prometheus scrape there would be tunnelled to the gateway",
+                        m.port()
+                    ),
                 ));
             }
         }
         let log_filter = env.parse_or("RUNNEL_LOG", "info".to_owned(), |s| {
-            tracing_subscriber::EnvFilter::try_new(s).map(|_| s.to_owned()).map_err(|e| format!("invalid filter: {e}"))
+            tracing_subscriber::EnvFilter::try_new(s)
+                .map(|_| s.to_owned())
+                .map_err(|e| format!("invalid filter: {e}"))
         })?;
         let log_format = env.parse_or("RUNNEL_LOG_FORMAT", LogFormat::Json, |s| match s {
             "json" => Ok(LogFormat::Json),
@@ -205,7 +328,11 @@ pub fn help_table() -> String {
     let width = VARS.iter().map(|v| v.name.len()).max().unwrap_or(0);
     let mut out = String::from("Environment variables:\n");
     for v in VARS {
-        let default = if v.default.is_empty() { String::new() } else { format!(" [default: {}]", v.default) };
+        let default = if v.default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {}]", v.default)
+        };
         out.push_str(&format!("  {:width$}  {}{}\n", v.name, v.help, default));
     }
     out
@@ -218,7 +345,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration (use 250ms, 5s, 2m, 1h)"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (use 250ms, 5s, 2m, 1h)"))?;
     let millis = match unit {
         "ms" => Some(n),
         "s" => n.checked_mul(1000),
@@ -240,7 +369,8 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
-    s.parse::<u16>().map_err(|_| format!("{s:?} is not a port number (0-65535)"))
+    s.parse::<u16>()
+        .map_err(|_| format!("{s:?} is not a port number (0-65535)"))
 }
 
 fn parse_count(s: &str, max: usize) -> Result<usize, String> {
@@ -251,24 +381,40 @@ fn parse_count(s: &str, max: usize) -> Result<usize, String> {
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse().map_err(|_| format!("{s:?} is not an address like 0.0.0.0:8080 or [::]:8080"))
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an address like 0.0.0.0:8080 or [::]:8080"))
 }
 
 fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return match addr.port() {
             0 => Err("port must not be 0".into()),
-            port => Ok(Upstream { host: UpstreamHost::Ip(addr.ip()), port }),
+            port => Ok(Upstream {
+                host: UpstreamHost::Ip(addr.ip()),
+                port,
+            }),
         };
     }
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
     let port = match host.contains(':') {
         true => return Err(format!("{s:?}: write an IPv6 upstream as [addr]:port")),
-        false => port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?,
+        false => port
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{port:?} is not a port (1-65535)"))?,
     };
     match ServerName::try_from(host) {
-        Ok(ServerName::DnsName(_)) => Ok(Upstream { host: UpstreamHost::Dns(host.to_ascii_lowercase()), port }),
-        Ok(ServerName::IpAddress(ip)) => Ok(Upstream { host: UpstreamHost::Ip(IpAddr::from(ip)), port }),
+        Ok(ServerName::DnsName(_)) => Ok(Upstream {
+            host: UpstreamHost::Dns(host.to_ascii_lowercase()),
+            port,
+        }),
+        Ok(ServerName::IpAddress(ip)) => Ok(Upstream {
+            host: UpstreamHost::Ip(IpAddr::from(ip)),
+            port,
+        }),
         _ => Err(format!("{host:?} is not a valid DNS name or IP address")),
     }
 }
@@ -282,7 +428,9 @@ fn parse_alpn(s: &str) -> Result<AlpnPolicy, String> {
     let mut list = Vec::new();
     for proto in s.split(',').map(str::trim) {
         if proto.is_empty() || proto.len() > 255 || !proto.is_ascii() {
-            return Err(format!("{s:?}: use auto, none, or a comma list of protocol names (1-255 ASCII bytes each)"));
+            return Err(format!(
+                "{s:?}: use auto, none, or a comma list of protocol names (1-255 ASCII bytes each)"
+            ));
         }
         list.push(proto.as_bytes().to_vec());
     }
@@ -291,8 +439,12 @@ fn parse_alpn(s: &str) -> Result<AlpnPolicy, String> {
 
 fn default_server_name(upstream: &Upstream) -> Result<ServerName<'static>, ConfigError> {
     match &upstream.host {
-        UpstreamHost::Dns(name) => ServerName::try_from(name.clone())
-            .map_err(|_| ConfigError::new("RUNNEL_UPSTREAM", format!("{name:?} is not a valid DNS name"))),
+        UpstreamHost::Dns(name) => ServerName::try_from(name.clone()).map_err(|_| {
+            ConfigError::new(
+                "RUNNEL_UPSTREAM",
+                format!("{name:?} is not a valid DNS name"),
+            )
+        }),
         UpstreamHost::Ip(_) => Err(ConfigError::new(
             "RUNNEL_SERVER_NAME",
             "required when RUNNEL_UPSTREAM is an IP address: no SNI is sent for an IP, and an Istio Gateway \
@@ -343,15 +495,26 @@ impl Env {
         }
     }
 
-    fn parse_or<T>(&self, name: &'static str, default: T, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+    fn parse_or<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
         match self.get(name)? {
             Some(s) => parse(s.trim()).map_err(|reason| ConfigError::new(name, reason)),
             None => Ok(default),
         }
     }
 
-    fn required<T>(&self, name: &'static str, parse: impl FnOnce(&str) -> Result<T, String>) -> Result<T, ConfigError> {
-        let s = self.get(name)?.ok_or_else(|| ConfigError::new(name, "required, but not set"))?;
+    fn required<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        let s = self
+            .get(name)?
+            .ok_or_else(|| ConfigError::new(name, "required, but not set"))?;
         parse(s.trim()).map_err(|reason| ConfigError::new(name, reason))
     }
 
@@ -366,10 +529,22 @@ impl Env {
 
     fn one_of(&self, file: &'static str, pem: &'static str) -> Result<tls::Source, ConfigError> {
         match (self.get(file)?, self.get(pem)?) {
-            (Some(path), None) => Ok(tls::Source::File { var: file, path: path.into() }),
-            (None, Some(text)) => Ok(tls::Source::Pem { var: pem, text: text.to_owned() }),
-            (Some(_), Some(_)) => Err(ConfigError::new(file, format!("set only one of {file} and {pem}"))),
-            (None, None) => Err(ConfigError::new(file, format!("required: set {file} or {pem}"))),
+            (Some(path), None) => Ok(tls::Source::File {
+                var: file,
+                path: path.into(),
+            }),
+            (None, Some(text)) => Ok(tls::Source::Pem {
+                var: pem,
+                text: text.to_owned(),
+            }),
+            (Some(_), Some(_)) => Err(ConfigError::new(
+                file,
+                format!("set only one of {file} and {pem}"),
+            )),
+            (None, None) => Err(ConfigError::new(
+                file,
+                format!("required: set {file} or {pem}"),
+            )),
         }
     }
 }
@@ -381,7 +556,10 @@ fn unknown_variable(name: &str) -> ConfigError {
         .min()
         .map(|(_, n)| n)
         .unwrap_or("RUNNEL_UPSTREAM");
-    ConfigError::new(name.to_owned(), format!("unknown variable; did you mean {closest}?"))
+    ConfigError::new(
+        name.to_owned(),
+        format!("unknown variable; did you mean {closest}?"),
+    )
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -397,4 +575,104 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_documented_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5 s",
+            "-1s",
+            "1.5s",
+            "5sec",
+            "99999999999999999999h",
+            "100000h",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn upstream_accepts_dns_ipv4_and_bracketed_ipv6() {
+        assert_eq!(
+            parse_upstream("gw.internal:443").unwrap().host,
+            UpstreamHost::Dns("gw.internal".into())
+        );
+        assert_eq!(
+            parse_upstream("10.0.0.1:443").unwrap().host,
+            UpstreamHost::Ip("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_upstream("[::1]:443").unwrap().host,
+            UpstreamHost::Ip("::1".parse().unwrap())
+        );
+        for bad in [
+            "gw.internal",
+            "gw.internal:0",
+            "gw.internal:99999",
+            "::1:443",
+            ":443",
+            "bad_name!:443",
+        ] {
+            assert!(parse_upstream(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn alpn_takes_auto_none_or_a_list() {
+        assert_eq!(parse_alpn("auto"), Ok(AlpnPolicy::Auto));
+        assert_eq!(parse_alpn("none"), Ok(AlpnPolicy::None));
+        assert_eq!(
+            parse_alpn("h2, http/1.1"),
+            Ok(AlpnPolicy::List(vec![b"h2".to_vec(), b"http/1.1".to_vec()]))
+        );
+        assert!(parse_alpn("h2,,http/1.1").is_err());
+    }
+
+    #[test]
+    fn unknown_variable_names_the_closest_known_one() {
+        let e = Env::new([("RUNNEL_UPSTRAEM", "x")]).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "RUNNEL_UPSTRAEM: unknown variable; did you mean RUNNEL_UPSTREAM?"
+        );
+        assert!(
+            Env::new([("HOME", "/root")]).is_ok(),
+            "other variables are not ours to judge"
+        );
+    }
+
+    #[test]
+    fn empty_value_is_an_error_not_a_default() {
+        let env = Env::new([("RUNNEL_ALPN", "")]).unwrap();
+        assert_eq!(
+            env.get("RUNNEL_ALPN").err().unwrap().to_string(),
+            "RUNNEL_ALPN: is set but empty"
+        );
+    }
+
+    #[test]
+    fn tls_sources_need_exactly_one_of_file_and_pem() {
+        let env = Env::new([("RUNNEL_TLS_CA_FILE", "/a"), ("RUNNEL_TLS_CA_PEM", "b")]).unwrap();
+        assert_eq!(
+            env.tls_sources().err().unwrap().to_string(),
+            "RUNNEL_TLS_CA_FILE: set only one of RUNNEL_TLS_CA_FILE and RUNNEL_TLS_CA_PEM"
+        );
+        let env = Env::new(Vec::<(String, String)>::new()).unwrap();
+        assert_eq!(
+            env.tls_sources().err().unwrap().to_string(),
+            "RUNNEL_TLS_CA_FILE: required: set RUNNEL_TLS_CA_FILE or RUNNEL_TLS_CA_PEM"
+        );
+    }
 }

@@ -80,7 +80,11 @@ impl Connector {
         }
     }
 
-    async fn connect_inner(&self, offer: Offer, deadline: tokio::time::Instant) -> Result<Connected, ConnectError> {
+    async fn connect_inner(
+        &self,
+        offer: Offer,
+        deadline: tokio::time::Instant,
+    ) -> Result<Connected, ConnectError> {
         let started = Instant::now();
         let (tcp, addr) = self.connect_tcp(deadline).await?;
         let connect_time = started.elapsed();
@@ -93,7 +97,10 @@ impl Connector {
             Offer::Fixed => &self.configs.fixed,
         };
         let handshake_started = Instant::now();
-        let stream = match TlsConnector::from(tls.clone()).connect(self.server_name.clone(), tcp).await {
+        let stream = match TlsConnector::from(tls.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 metrics::handshake("none", false);
@@ -115,19 +122,25 @@ impl Connector {
 
     /// Tries each resolved address in turn; all but the last get a share of the time left,
     /// so one black-holed address cannot eat the whole deadline.
-    async fn connect_tcp(&self, deadline: tokio::time::Instant) -> Result<(TcpStream, SocketAddr), ConnectError> {
+    async fn connect_tcp(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let addrs = self.resolver.addrs().await?;
         let mut last_error = None;
         for (i, addr) in addrs.iter().enumerate() {
             let left = addrs.len() - i;
-            let share = deadline.saturating_duration_since(tokio::time::Instant::now()) / u32::try_from(left).unwrap_or(1);
+            let share = deadline.saturating_duration_since(tokio::time::Instant::now())
+                / u32::try_from(left).unwrap_or(1);
             match tokio::time::timeout(share, TcpStream::connect(addr)).await {
                 Ok(Ok(tcp)) => return Ok((tcp, *addr)),
                 Ok(Err(e)) => last_error = Some(e),
                 Err(_) => last_error = Some(std::io::ErrorKind::TimedOut.into()),
             }
         }
-        Err(ConnectError::Tcp(last_error.unwrap_or_else(|| std::io::ErrorKind::NotFound.into())))
+        Err(ConnectError::Tcp(
+            last_error.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+        ))
     }
 
     /// Keeps DNS answers fresh until `stop`.
@@ -163,24 +176,44 @@ impl Resolver {
             UpstreamHost::Ip(ip) => Arc::new([SocketAddr::new(ip, target.port)]),
             UpstreamHost::Dns(_) => Arc::new([]),
         };
-        Resolver { target, addrs: RwLock::new(addrs) }
+        Resolver {
+            target,
+            addrs: RwLock::new(addrs),
+        }
     }
 
     /// The known addresses; resolves on the spot when none is known yet.
     async fn addrs(&self) -> Result<Arc<[SocketAddr]>, ConnectError> {
-        let known = self.addrs.read().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        let known = self
+            .addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|p| p.into_inner().clone());
         if !known.is_empty() {
             return Ok(known);
         }
-        self.refresh().await.map_err(|e| ConnectError::Dns(e.to_string()))?;
-        Ok(self.addrs.read().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone()))
+        self.refresh()
+            .await
+            .map_err(|e| ConnectError::Dns(e.to_string()))?;
+        Ok(self
+            .addrs
+            .read()
+            .map(|a| a.clone())
+            .unwrap_or_else(|p| p.into_inner().clone()))
     }
 
     async fn refresh(&self) -> std::io::Result<()> {
-        let UpstreamHost::Dns(name) = &self.target.host else { return Ok(()) };
-        let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), self.target.port)).await?.collect();
+        let UpstreamHost::Dns(name) = &self.target.host else {
+            return Ok(());
+        };
+        let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), self.target.port))
+            .await?
+            .collect();
         if found.is_empty() {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no addresses",
+            ));
         }
         match self.addrs.write() {
             Ok(mut a) => *a = found.into(),
@@ -190,24 +223,39 @@ impl Resolver {
     }
 }
 
-fn handshake_info(stream: &TlsStream<TcpStream>, addr: SocketAddr, connect_time: Duration, handshake_time: Duration) -> HandshakeInfo {
+fn handshake_info(
+    stream: &TlsStream<TcpStream>,
+    addr: SocketAddr,
+    connect_time: Duration,
+    handshake_time: Duration,
+) -> HandshakeInfo {
     let (_, conn) = stream.get_ref();
     HandshakeInfo {
         addr,
         connect_time,
         handshake_time,
         resumed: conn.handshake_kind() == Some(HandshakeKind::Resumed),
-        alpn: conn.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
-        version: conn.protocol_version().map_or_else(String::new, |v| format!("{v:?}")),
-        cipher: conn.negotiated_cipher_suite().map_or_else(String::new, |s| format!("{:?}", s.suite())),
-        kx_group: conn.negotiated_key_exchange_group().map_or_else(String::new, |g| format!("{:?}", g.name())),
+        alpn: conn
+            .alpn_protocol()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        version: conn
+            .protocol_version()
+            .map_or_else(String::new, |v| format!("{v:?}")),
+        cipher: conn
+            .negotiated_cipher_suite()
+            .map_or_else(String::new, |s| format!("{:?}", s.suite())),
+        kx_group: conn
+            .negotiated_key_exchange_group()
+            .map_or_else(String::new, |g| format!("{:?}", g.name())),
     }
 }
 
 /// The negotiated protocol must be one that was offered, or none.
 fn check_alpn(tls: &ClientConfig, negotiated: Option<&str>) -> Result<(), ConnectError> {
     match negotiated {
-        Some(p) if !tls.alpn_protocols.iter().any(|o| o == p.as_bytes()) => Err(ConnectError::AlpnMismatch(p.to_owned())),
+        Some(p) if !tls.alpn_protocols.iter().any(|o| o == p.as_bytes()) => {
+            Err(ConnectError::AlpnMismatch(p.to_owned()))
+        }
         _ => Ok(()),
     }
 }

@@ -88,7 +88,13 @@ pub async fn run(
         }
         let mut active = false;
         if !to_up.done {
-            match to_up.poll(cx, Pin::new(&mut down), Pin::new(&mut up), &handles.to_upstream, &mut active) {
+            match to_up.poll(
+                cx,
+                Pin::new(&mut down),
+                Pin::new(&mut up),
+                &handles.to_upstream,
+                &mut active,
+            ) {
                 Poll::Ready(Ok(())) => {
                     closed_first.get_or_insert(Side::Downstream);
                 }
@@ -100,7 +106,13 @@ pub async fn run(
             }
         }
         if !to_down.done {
-            match to_down.poll(cx, Pin::new(&mut up), Pin::new(&mut down), &handles.to_downstream, &mut active) {
+            match to_down.poll(
+                cx,
+                Pin::new(&mut up),
+                Pin::new(&mut down),
+                &handles.to_downstream,
+                &mut active,
+            ) {
                 Poll::Ready(Ok(())) => {
                     closed_first.get_or_insert(Side::Upstream);
                 }
@@ -121,7 +133,12 @@ pub async fn run(
     })
     .await;
 
-    let report = Report { outcome, to_upstream: to_up.bytes, to_downstream: to_down.bytes, closed_first };
+    let report = Report {
+        outcome,
+        to_upstream: to_up.bytes,
+        to_downstream: to_down.bytes,
+        closed_first,
+    };
     match outcome {
         Outcome::Clean => {}
         Outcome::IdleTimeout => close_gracefully(&mut down, &mut up).await,
@@ -135,8 +152,15 @@ pub async fn run(
 
 /// Fires once nothing has moved for `idle`; re-arms itself lazily so that active
 /// connections do not touch the timer on every chunk.
-fn poll_idle(cx: &mut Context<'_>, sleep: Option<Pin<&mut tokio::time::Sleep>>, idle: Option<Duration>, last: Instant) -> Poll<Outcome> {
-    let (Some(mut sleep), Some(idle)) = (sleep, idle) else { return Poll::Pending };
+fn poll_idle(
+    cx: &mut Context<'_>,
+    sleep: Option<Pin<&mut tokio::time::Sleep>>,
+    idle: Option<Duration>,
+    last: Instant,
+) -> Poll<Outcome> {
+    let (Some(mut sleep), Some(idle)) = (sleep, idle) else {
+        return Poll::Pending;
+    };
     loop {
         ready!(sleep.as_mut().poll(cx));
         let deadline = last + idle;
@@ -166,7 +190,9 @@ impl HalfError {
     /// The outcome for a direction reading from `from`.
     fn outcome(&self, from: Side) -> Outcome {
         match (self, from) {
-            (HalfError::Read(_), Side::Downstream) | (HalfError::Write, Side::Upstream) => Outcome::DownstreamReset,
+            (HalfError::Read(_), Side::Downstream) | (HalfError::Write, Side::Upstream) => {
+                Outcome::DownstreamReset
+            }
             (HalfError::Write, Side::Downstream) => Outcome::UpstreamReset,
             (HalfError::Read(e), Side::Upstream) => match e.kind() {
                 // rustls reports a TCP EOF without close_notify as UnexpectedEof.
@@ -196,7 +222,16 @@ impl Half {
     fn new(initial: Vec<u8>) -> Half {
         let end = initial.len();
         let buf = (end > 0).then_some(initial);
-        Half { buf, start: 0, end, size: SMALL_BUF, read_eof: false, need_flush: false, done: false, bytes: 0 }
+        Half {
+            buf,
+            start: 0,
+            end,
+            size: SMALL_BUF,
+            read_eof: false,
+            need_flush: false,
+            done: false,
+            bytes: 0,
+        }
     }
 
     fn poll<R, W>(
@@ -214,7 +249,8 @@ impl Half {
         loop {
             if let Some(buf) = &self.buf {
                 while self.start < self.end {
-                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.start..self.end])).map_err(|_| HalfError::Write)?;
+                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.start..self.end]))
+                        .map_err(|_| HalfError::Write)?;
                     if n == 0 {
                         return Poll::Ready(Err(HalfError::Write));
                     }

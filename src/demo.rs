@@ -7,8 +7,8 @@
 use std::{io, net::SocketAddr, path::Path, sync::Arc, time::SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::{
     RootCertStore, ServerConfig,
@@ -48,14 +48,24 @@ impl Pki {
         let mut params = CertificateParams::default();
         params.distinguished_name = name("runnel throwaway CA");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
         let ca_cert_pem = ca.pem();
         let mut pki = Pki {
             ca,
             ca_cert_pem,
-            gateway: Leaf { cert_pem: String::new(), key_pem: String::new() },
-            client: Leaf { cert_pem: String::new(), key_pem: String::new() },
+            gateway: Leaf {
+                cert_pem: String::new(),
+                key_pem: String::new(),
+            },
+            client: Leaf {
+                cert_pem: String::new(),
+                key_pem: String::new(),
+            },
         };
         pki.gateway = pki.issue_gateway(&[GATEWAY_NAME, "localhost", "127.0.0.1", "::1"])?;
         pki.client = pki.issue_client("runnel", None)?;
@@ -64,7 +74,8 @@ impl Pki {
 
     /// A server certificate for these names (DNS names or IP addresses).
     pub fn issue_gateway(&self, names: &[&str]) -> Result<Leaf, rcgen::Error> {
-        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         params.distinguished_name = name(names.first().copied().unwrap_or("gateway"));
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.sign(params)
@@ -72,14 +83,19 @@ impl Pki {
 
     /// A client certificate with this common name and the demo SPIFFE URI; `not_after`
     /// defaults to a year from now.
-    pub fn issue_client(&self, common_name: &str, not_after: Option<SystemTime>) -> Result<Leaf, rcgen::Error> {
+    pub fn issue_client(
+        &self,
+        common_name: &str,
+        not_after: Option<SystemTime>,
+    ) -> Result<Leaf, rcgen::Error> {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(common_name);
         params.subject_alt_names = vec![SanType::URI(CLIENT_SPIFFE_ID.try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let now = SystemTime::now();
         let not_after = not_after.unwrap_or(now + std::time::Duration::from_secs(365 * 86_400));
-        params.not_before = time::OffsetDateTime::from(now.min(not_after) - std::time::Duration::from_secs(86_400));
+        params.not_before =
+            time::OffsetDateTime::from(now.min(not_after) - std::time::Duration::from_secs(86_400));
         params.not_after = time::OffsetDateTime::from(not_after);
         self.sign(params)
     }
@@ -87,7 +103,10 @@ impl Pki {
     fn sign(&self, params: CertificateParams) -> Result<Leaf, rcgen::Error> {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.ca)?;
-        Ok(Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        Ok(Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// Writes ca.pem, gateway.pem, gateway-key.pem, client.pem and client-key.pem.
@@ -112,7 +131,11 @@ impl Pki {
 }
 
 /// A server config presenting `leaf`, requiring a client certificate signed by `ca_pem`.
-pub fn gateway_tls(ca_pem: &str, leaf: &Leaf, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, rustls::Error> {
+pub fn gateway_tls(
+    ca_pem: &str,
+    leaf: &Leaf,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(tls::provider());
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -124,7 +147,8 @@ pub fn gateway_tls(ca_pem: &str, leaf: &Leaf, alpn: &[&[u8]]) -> Result<Arc<Serv
     let chain = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -166,12 +190,23 @@ pub async fn serve_gateway(listener: TcpListener, tls: Arc<ServerConfig>, stop: 
     }
 }
 
-async fn gateway_connection(acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net::TcpStream, peer: SocketAddr) -> io::Result<()> {
+async fn gateway_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) -> io::Result<()> {
     let mut tls = acceptor.accept(tcp).await?;
     let (_, conn) = tls.get_ref();
-    let identity = conn.peer_certificates().and_then(|c| c.first()).map_or("(none)".into(), client_identity);
-    let alpn = conn.alpn_protocol().map_or("(none)".into(), |p| String::from_utf8_lossy(p).into_owned());
-    let version = conn.protocol_version().map_or("?".into(), |v| format!("{v:?}"));
+    let identity = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map_or("(none)".into(), client_identity);
+    let alpn = conn
+        .alpn_protocol()
+        .map_or("(none)".into(), |p| String::from_utf8_lossy(p).into_owned());
+    let version = conn
+        .protocol_version()
+        .map_or("?".into(), |v| format!("{v:?}"));
     let mut buf = Vec::new();
     loop {
         let Some((head_len, body_len, close)) = read_request_head(&mut tls, &mut buf).await? else {
@@ -204,20 +239,31 @@ async fn gateway_connection(acceptor: tokio_rustls::TlsAcceptor, tcp: tokio::net
 }
 
 /// Reads one request head; returns (head length, content length, connection close).
-async fn read_request_head<S: AsyncReadExt + Unpin>(io: &mut S, buf: &mut Vec<u8>) -> io::Result<Option<(usize, usize, bool)>> {
+async fn read_request_head<S: AsyncReadExt + Unpin>(
+    io: &mut S,
+    buf: &mut Vec<u8>,
+) -> io::Result<Option<(usize, usize, bool)>> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
             let header = |name: &str| {
-                head.lines()
-                    .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim_start().strip_prefix(':')).map(|v| v.trim().to_owned()))
+                head.lines().find_map(|l| {
+                    l.strip_prefix(name)
+                        .and_then(|v| v.trim_start().strip_prefix(':'))
+                        .map(|v| v.trim().to_owned())
+                })
             };
-            let body = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let body = header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
             let close = header("connection").is_some_and(|v| v == "close");
             return Ok(Some((end + 4, body, close)));
         }
         if buf.len() > 64 * 1024 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
         }
         let mut chunk = [0u8; 4096];
         let n = io.read(&mut chunk).await?;
@@ -241,9 +287,14 @@ pub struct DemoOptions {
 }
 
 /// Runs the demo: PKI, gateway, and runnel in front, until `shutdown`.
-pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), String> {
+pub async fn run(
+    options: DemoOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), String> {
     let pki = Pki::generate().map_err(|e| format!("cannot make the demo PKI: {e}"))?;
-    let gateway = TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("cannot bind the demo gateway: {e}"))?;
+    let gateway = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot bind the demo gateway: {e}"))?;
     let gateway_addr = gateway.local_addr().map_err(|e| e.to_string())?;
     let tls = pki.gateway_tls(&[b"http/1.1"]).map_err(|e| e.to_string())?;
     let stop = CancellationToken::new();
@@ -256,11 +307,16 @@ pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output
         ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
         ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
         ("RUNNEL_LISTEN", options.listen.to_string()),
-        ("RUNNEL_METRICS_ADDR", options.metrics.map_or("off".into(), |a| a.to_string())),
+        (
+            "RUNNEL_METRICS_ADDR",
+            options.metrics.map_or("off".into(), |a| a.to_string()),
+        ),
     ];
     let (config, _) = crate::Config::from_vars(vars).map_err(|e| e.to_string())?;
     let bind = |addr: SocketAddr, what: &'static str| async move {
-        TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} ({what}): {e}; try --listen 127.0.0.1:0"))
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} ({what}): {e}; try --listen 127.0.0.1:0"))
     };
     let tunnel = bind(options.listen, "tunnel").await?;
     let admin = match options.metrics {
@@ -269,7 +325,9 @@ pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output
     };
     let listen = tunnel.local_addr().map_err(|e| e.to_string())?;
     let metrics = admin.as_ref().and_then(|a| a.local_addr().ok());
-    println!("runnel demo: a throwaway CA, a local mTLS gateway on {gateway_addr} that requires the client certificate,");
+    println!(
+        "runnel demo: a throwaway CA, a local mTLS gateway on {gateway_addr} that requires the client certificate,"
+    );
     println!("and runnel in front of it on {listen}. Try:");
     println!();
     println!("  curl http://{listen}/");
@@ -278,7 +336,9 @@ pub async fn run(options: DemoOptions, shutdown: impl std::future::Future<Output
     }
     println!();
     println!("Ctrl-C stops it.");
-    let result = crate::run(config, crate::Listeners { tunnel, admin }, shutdown).await.map_err(|e| e.to_string());
+    let result = crate::run(config, crate::Listeners { tunnel, admin }, shutdown)
+        .await
+        .map_err(|e| e.to_string());
     stop.cancel();
     result
 }

@@ -40,7 +40,10 @@ pub fn classify(bytes: &[u8]) -> Verdict {
 }
 
 /// Waits for the first bytes. `Ok(None)` means the downstream closed without sending any.
-pub async fn first_bytes(stream: &mut TcpStream, policy: &AlpnPolicy) -> io::Result<Option<(Vec<u8>, Offer)>> {
+pub async fn first_bytes(
+    stream: &mut TcpStream,
+    policy: &AlpnPolicy,
+) -> io::Result<Option<(Vec<u8>, Offer)>> {
     let mut buf = Vec::with_capacity(FIRST_READ);
     if stream.read_buf(&mut buf).await? == 0 {
         return Ok(None);
@@ -82,7 +85,11 @@ mod tests {
     #[test]
     fn every_strict_prefix_of_the_preface_is_undecided() {
         for n in 1..H2_PREFACE.len() {
-            assert_eq!(classify(&H2_PREFACE[..n]), Verdict::Undecided, "prefix of {n}");
+            assert_eq!(
+                classify(&H2_PREFACE[..n]),
+                Verdict::Undecided,
+                "prefix of {n}"
+            );
         }
     }
 

@@ -58,9 +58,16 @@ pub struct Listeners {
 
 /// Serves until `shutdown` completes, then drains for `RUNNEL_DRAIN_TIMEOUT` and
 /// resets what is still open.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> Result<(), rustls::Error> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), rustls::Error> {
     let prometheus = metrics::install();
     ::metrics::gauge!(metrics::CLIENT_CERT_NOT_AFTER).set(config.tls.cert_not_after as f64);
+    // Exported from the start, so dashboards and alerts see 0 rather than nothing.
+    ::metrics::gauge!(metrics::DRAINING).set(0.0);
+    ::metrics::counter!(metrics::ACCEPT_ERRORS).increment(0);
     let config = Arc::new(config);
     let shared = Arc::new(Shared {
         connector: Connector::new(&config)?,
@@ -77,7 +84,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(admin) = listeners.admin {
         // The admin port has its own tracker: it keeps answering (/readyz = 503) while draining.
-        tokio::spawn(admin::serve(admin, prometheus, health.clone(), admin_stop.clone(), TaskTracker::new()));
+        tokio::spawn(admin::serve(
+            admin,
+            prometheus,
+            health.clone(),
+            admin_stop.clone(),
+            TaskTracker::new(),
+        ));
     }
     let listen_addr = listeners.tunnel.local_addr().ok();
     health.listening.store(true, Ordering::Relaxed);
@@ -95,9 +108,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Out
     ::metrics::gauge!(metrics::DRAINING).set(1.0);
     shared.stop.cancel();
     tracker.close();
-    tracing::info!(open = tracker.len(), drain_timeout_ms = config.drain_timeout.as_millis() as u64, "draining");
-    if tokio::time::timeout(config.drain_timeout, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "drain deadline reached; resetting open connections");
+    tracing::info!(
+        open = tracker.len(),
+        drain_timeout_ms = config.drain_timeout.as_millis() as u64,
+        "draining"
+    );
+    if tokio::time::timeout(config.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = tracker.len(),
+            "drain deadline reached; resetting open connections"
+        );
         shared.abort.cancel();
         let _ = tokio::time::timeout(ABORT_GRACE, tracker.wait()).await;
     }

@@ -9,7 +9,10 @@ use serde_json::{Map, Value};
 use tracing::{Event, Level, Subscriber, field::Field};
 use tracing_subscriber::{
     EnvFilter,
-    fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, format::{JsonFields, Writer}},
+    fmt::{
+        FmtContext, FormatEvent, FormatFields, FormattedFields,
+        format::{JsonFields, Writer},
+    },
     registry::LookupSpan,
 };
 
@@ -18,10 +21,17 @@ use crate::{config::LogFormat, tls};
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing).
 pub fn init(filter: &str, format: LogFormat) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Json => builder.fmt_fields(JsonFields::new()).event_format(CloudJson).try_init(),
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).try_init(),
+        LogFormat::Json => builder
+            .fmt_fields(JsonFields::new())
+            .event_format(CloudJson)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
 }
 
@@ -33,16 +43,28 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let mut fields = Map::new();
-        fields.insert("severity".into(), severity(*event.metadata().level()).into());
+        fields.insert(
+            "severity".into(),
+            severity(*event.metadata().level()).into(),
+        );
         fields.insert("time".into(), now_rfc3339().into());
         fields.insert("message".into(), Value::String(String::new()));
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 let ext = span.extensions();
-                let Some(formatted) = ext.get::<FormattedFields<N>>() else { continue };
-                if let Ok(Value::Object(span_fields)) = serde_json::from_str::<Value>(formatted.as_str()) {
+                let Some(formatted) = ext.get::<FormattedFields<N>>() else {
+                    continue;
+                };
+                if let Ok(Value::Object(span_fields)) =
+                    serde_json::from_str::<Value>(formatted.as_str())
+                {
                     fields.extend(span_fields);
                 }
             }
@@ -66,7 +88,9 @@ fn severity(level: Level) -> &'static str {
 }
 
 fn now_rfc3339() -> String {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = tls::rfc3339(i64::try_from(now.as_secs()).unwrap_or(0));
     format!("{}.{:03}Z", secs.trim_end_matches('Z'), now.subsec_millis())
 }
@@ -90,6 +114,7 @@ impl tracing::field::Visit for Visitor<'_> {
         self.0.insert(field.name().into(), value.into());
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0.insert(field.name().into(), format!("{value:?}").into());
+        self.0
+            .insert(field.name().into(), format!("{value:?}").into());
     }
 }

@@ -116,7 +116,10 @@ fn demo_main(listen: SocketAddr, metrics: &str) -> ExitCode {
     };
     logging::init("info", config::LogFormat::Text);
     let result = runtime(2).map_err(|e| e.to_string()).and_then(|rt| {
-        rt.block_on(demo::run(demo::DemoOptions { listen, metrics }, shutdown_signal()))
+        rt.block_on(demo::run(
+            demo::DemoOptions { listen, metrics },
+            shutdown_signal(),
+        ))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -128,13 +131,19 @@ fn demo_main(listen: SocketAddr, metrics: &str) -> ExitCode {
 }
 
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
 }
 
 /// Completes on SIGTERM (Cloud Run's stop signal) or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };

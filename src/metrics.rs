@@ -25,17 +25,67 @@ pub const BUILD_INFO: &str = "runnel_build_info";
 
 /// (name, kind, labels, description): the catalogue the README documents.
 pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
-    (CONNECTIONS_ACCEPTED, "counter", "", "downstream connections accepted"),
-    (CONNECTIONS_ACTIVE, "gauge", "", "downstream connections open now"),
-    (CONNECTIONS_CLOSED, "counter", "outcome", "downstream connections closed, by how they ended"),
-    (BYTES, "counter", "direction", "bytes tunnelled: to_upstream, to_downstream"),
-    (CONNECT_DURATION, "histogram", "", "upstream TCP connect time"),
-    (HANDSHAKE_DURATION, "histogram", "kind", "upstream TLS handshake time: full, resumed"),
-    (HANDSHAKES, "counter", "kind, result", "upstream TLS handshakes: kind full/resumed/none, result ok/error"),
-    (ACCEPT_ERRORS, "counter", "", "downstream accept errors (each one backs off)"),
-    (CLIENT_CERT_NOT_AFTER, "gauge", "", "client certificate notAfter, Unix seconds"),
+    (
+        CONNECTIONS_ACCEPTED,
+        "counter",
+        "",
+        "downstream connections accepted",
+    ),
+    (
+        CONNECTIONS_ACTIVE,
+        "gauge",
+        "",
+        "downstream connections open now",
+    ),
+    (
+        CONNECTIONS_CLOSED,
+        "counter",
+        "outcome",
+        "downstream connections closed, by how they ended",
+    ),
+    (
+        BYTES,
+        "counter",
+        "direction",
+        "bytes tunnelled: to_upstream, to_downstream",
+    ),
+    (
+        CONNECT_DURATION,
+        "histogram",
+        "",
+        "upstream TCP connect time",
+    ),
+    (
+        HANDSHAKE_DURATION,
+        "histogram",
+        "kind",
+        "upstream TLS handshake time: full, resumed",
+    ),
+    (
+        HANDSHAKES,
+        "counter",
+        "kind, result",
+        "upstream TLS handshakes: kind full/resumed/none, result ok/error",
+    ),
+    (
+        ACCEPT_ERRORS,
+        "counter",
+        "",
+        "downstream accept errors (each one backs off)",
+    ),
+    (
+        CLIENT_CERT_NOT_AFTER,
+        "gauge",
+        "",
+        "client certificate notAfter, Unix seconds",
+    ),
     (DRAINING, "gauge", "", "1 while draining after SIGTERM"),
-    (BUILD_INFO, "gauge", "version, commit", "always 1; labels carry the build"),
+    (
+        BUILD_INFO,
+        "gauge",
+        "version, commit",
+        "always 1; labels carry the build",
+    ),
 ];
 
 /// Seconds: from 250 µs (resumed handshake on loopback) to the 5 s default deadline.
@@ -66,7 +116,13 @@ pub fn install() -> &'static PrometheusHandle {
 
 fn describe() {
     for (name, kind, _, help) in CATALOGUE {
-        let unit = if name.ends_with("_seconds") { Some(Unit::Seconds) } else if name.ends_with("_bytes_total") { Some(Unit::Bytes) } else { None };
+        let unit = if name.ends_with("_seconds") {
+            Some(Unit::Seconds)
+        } else if name.ends_with("_bytes_total") {
+            Some(Unit::Bytes)
+        } else {
+            None
+        };
         match (*kind, unit) {
             ("counter", Some(u)) => metrics::describe_counter!(*name, u, *help),
             ("counter", None) => metrics::describe_counter!(*name, *help),
@@ -100,7 +156,15 @@ impl Handles {
             connect: metrics::histogram!(CONNECT_DURATION),
             handshake_full: metrics::histogram!(HANDSHAKE_DURATION, "kind" => "full"),
             handshake_resumed: metrics::histogram!(HANDSHAKE_DURATION, "kind" => "resumed"),
-            closed: Outcome::ALL.iter().map(|o| (*o, metrics::counter!(CONNECTIONS_CLOSED, "outcome" => o.label()))).collect(),
+            closed: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        *o,
+                        metrics::counter!(CONNECTIONS_CLOSED, "outcome" => o.label()),
+                    )
+                })
+                .collect(),
         })
     }
 
@@ -113,5 +177,6 @@ impl Handles {
 
 /// Counts one upstream handshake by kind and result.
 pub fn handshake(kind: &'static str, ok: bool) {
-    metrics::counter!(HANDSHAKES, "kind" => kind, "result" => if ok { "ok" } else { "error" }).increment(1);
+    metrics::counter!(HANDSHAKES, "kind" => kind, "result" => if ok { "ok" } else { "error" })
+        .increment(1);
 }

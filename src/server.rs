@@ -6,21 +6,32 @@
 
 use std::{
     future::Future,
-    sync::{Arc, atomic::{AtomicU64, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::task::TaskTracker;
 
-use crate::{metrics, tunnel::{self, Shared}};
+use crate::{
+    metrics,
+    tunnel::{self, Shared},
+};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Accepts until `stop_accepting` completes, then drops the listener (new
 /// connections are refused from then on).
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: &TaskTracker, stop_accepting: impl Future<Output = ()>) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: &TaskTracker,
+    stop_accepting: impl Future<Output = ()>,
+) {
     let permits = Arc::new(Semaphore::new(shared.config.max_connections));
     let ids = AtomicU64::new(0);
     let mut backoff = BACKOFF_MIN;

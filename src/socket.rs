@@ -3,7 +3,11 @@
 //! Invariant: an option the platform refuses (gVisor lacks some) is never fatal;
 //! `abort` always ends the connection, with RST when the platform allows it.
 
-use std::{io, sync::atomic::{AtomicBool, Ordering}, time::Duration};
+use std::{
+    io,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
@@ -25,7 +29,10 @@ pub fn upstream(stream: &TcpStream) {
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    tolerate("SO_KEEPALIVE", SockRef::from(stream).set_tcp_keepalive(&keepalive));
+    tolerate(
+        "SO_KEEPALIVE",
+        SockRef::from(stream).set_tcp_keepalive(&keepalive),
+    );
 }
 
 /// Arranges for the socket to send RST instead of FIN when it is dropped.

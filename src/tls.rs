@@ -58,9 +58,9 @@ impl Material {
         let mut ca_not_after = i64::MAX;
         for cert in ca_certs {
             ca_not_after = ca_not_after.min(validity(ca_var, &cert)?.1);
-            roots
-                .add(cert)
-                .map_err(|e| ConfigError::new(ca_var, format!("not a usable CA certificate: {e}")))?;
+            roots.add(cert).map_err(|e| {
+                ConfigError::new(ca_var, format!("not a usable CA certificate: {e}"))
+            })?;
         }
 
         let (cert_var, cert_pem) = read(&sources.cert)?;
@@ -68,22 +68,39 @@ impl Material {
         let (not_before, not_after) = validity(cert_var, &chain[0])?;
         let now = unix_now();
         if now >= not_after {
-            return Err(ConfigError::new(cert_var, format!("client certificate expired at {}", rfc3339(not_after))));
+            return Err(ConfigError::new(
+                cert_var,
+                format!("client certificate expired at {}", rfc3339(not_after)),
+            ));
         }
         if now < not_before {
-            return Err(ConfigError::new(cert_var, format!("client certificate is not valid before {}", rfc3339(not_before))));
+            return Err(ConfigError::new(
+                cert_var,
+                format!(
+                    "client certificate is not valid before {}",
+                    rfc3339(not_before)
+                ),
+            ));
         }
         if not_after - now < EXPIRY_WARNING_SECS {
-            warnings.push(format!("{cert_var}: client certificate expires soon, at {}", rfc3339(not_after)));
+            warnings.push(format!(
+                "{cert_var}: client certificate expires soon, at {}",
+                rfc3339(not_after)
+            ));
         }
 
         let (key_var, key_pem) = read(&sources.key)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|_| ConfigError::new(key_var, "no private key found (PKCS#8, SEC1 or PKCS#1 PEM expected)"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+            ConfigError::new(
+                key_var,
+                "no private key found (PKCS#8, SEC1 or PKCS#1 PEM expected)",
+            )
+        })?;
         let identity = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => {
-                ConfigError::new(key_var, format!("key does not match the certificate in {cert_var}"))
-            }
+            rustls::Error::InconsistentKeys(_) => ConfigError::new(
+                key_var,
+                format!("key does not match the certificate in {cert_var}"),
+            ),
             other => ConfigError::new(key_var, format!("unusable private key: {other}")),
         })?;
         Ok(Material {
@@ -131,7 +148,11 @@ impl ClientConfigs {
     }
 }
 
-fn client_config(config: &Config, store: Arc<ClientSessionMemoryCache>, alpn: Vec<Vec<u8>>) -> Result<ClientConfig, rustls::Error> {
+fn client_config(
+    config: &Config,
+    store: Arc<ClientSessionMemoryCache>,
+    alpn: Vec<Vec<u8>>,
+) -> Result<ClientConfig, rustls::Error> {
     let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
         TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsMinVersion::Tls13 => &[&rustls::version::TLS13],
@@ -139,7 +160,9 @@ fn client_config(config: &Config, store: Arc<ClientSessionMemoryCache>, alpn: Ve
     let mut tls = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)?
         .with_root_certificates(config.tls.roots.clone())
-        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from((*config.tls.identity).clone())));
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(
+            (*config.tls.identity).clone(),
+        )));
     tls.alpn_protocols = alpn;
     tls.resumption = Resumption::store(store);
     Ok(tls)
@@ -192,7 +215,12 @@ pub fn rfc3339(secs: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

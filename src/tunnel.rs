@@ -60,7 +60,12 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, id: u64, shared: Arc<Shar
 }
 
 async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
-    let ended = |outcome| Report { outcome, to_upstream: 0, to_downstream: 0, closed_first: None };
+    let ended = |outcome| Report {
+        outcome,
+        to_upstream: 0,
+        to_downstream: 0,
+        closed_first: None,
+    };
     socket::downstream(&down);
     let first = tokio::select! {
         first = detect::first_bytes(&mut down, &shared.config.alpn) => first,
@@ -92,10 +97,20 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
         }
     };
     let span = tracing::Span::current();
-    span.record("upstream.addr", tracing::field::display(connected.info.addr));
+    span.record(
+        "upstream.addr",
+        tracing::field::display(connected.info.addr),
+    );
     span.record("alpn", connected.info.alpn.as_deref().unwrap_or("none"));
     span.record("tls.resumed", connected.info.resumed);
-    copy::run(down, connected.stream, initial, shared.config.idle_timeout, &shared.abort).await
+    copy::run(
+        down,
+        connected.stream,
+        initial,
+        shared.config.idle_timeout,
+        &shared.abort,
+    )
+    .await
 }
 
 /// Completes after the idle timeout, or never when it is off.

@@ -6,16 +6,27 @@ use runnel::detect::H2_PREFACE;
 use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-async fn alpn_seen_for(first_bytes: &[u8], extra_vars: &[(&str, &str)], gateway_alpn: &[&[u8]]) -> (Option<Vec<u8>>, Vec<u8>) {
+async fn alpn_seen_for(
+    first_bytes: &[u8],
+    extra_vars: &[(&str, &str)],
+    gateway_alpn: &[&[u8]],
+) -> (Option<Vec<u8>>, Vec<u8>) {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(gateway_alpn).unwrap(), Behaviour::Echo).await;
     let mut v = vars(&pki, gateway.addr);
-    v.extend(extra_vars.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    v.extend(
+        extra_vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     let runnel = Runnel::start(v).await;
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(first_bytes).await.unwrap();
     stream.shutdown().await.unwrap();
-    let echoed = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap().unwrap_or_else(|(_, b)| b);
+    let echoed = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap()
+        .unwrap_or_else(|(_, b)| b);
     (gateway.seen().first().and_then(|s| s.alpn.clone()), echoed)
 }
 
@@ -38,7 +49,12 @@ async fn http1_request_makes_the_gateway_see_http1_even_when_it_prefers_h2() {
 
 #[tokio::test]
 async fn alpn_none_offers_nothing() {
-    let (alpn, _) = alpn_seen_for(b"GET / HTTP/1.1\r\n\r\n", &[("RUNNEL_ALPN", "none")], &[b"h2", b"http/1.1"]).await;
+    let (alpn, _) = alpn_seen_for(
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[("RUNNEL_ALPN", "none")],
+        &[b"h2", b"http/1.1"],
+    )
+    .await;
     assert_eq!(alpn, None);
 }
 
@@ -56,8 +72,14 @@ async fn sni_is_the_configured_server_name() {
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"x").await.unwrap();
     stream.shutdown().await.unwrap();
-    tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap().unwrap();
-    assert_eq!(gateway.seen()[0].sni.as_deref(), Some(runnel::demo::GATEWAY_NAME));
+    tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        gateway.seen()[0].sni.as_deref(),
+        Some(runnel::demo::GATEWAY_NAME)
+    );
 }
 
 #[tokio::test]
@@ -69,7 +91,10 @@ async fn second_connection_resumes_the_tls_session() {
         let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
         stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         stream.shutdown().await.unwrap();
-        tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap().unwrap();
+        tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+            .await
+            .unwrap()
+            .unwrap();
     }
     let resumed: Vec<bool> = gateway.seen().iter().map(|s| s.resumed).collect();
     assert_eq!(resumed, [false, true, true]);

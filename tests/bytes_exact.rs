@@ -30,7 +30,9 @@ async fn echo_through(addr: std::net::SocketAddr, data: Vec<u8>) -> Vec<u8> {
         wr
     });
     let mut out = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut out).await.unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut rd, &mut out)
+        .await
+        .unwrap();
     let wr = writer.await.unwrap();
     let mut stream = rd.reunite(wr).unwrap();
     assert_eq!(read_to_end(&mut stream).await.unwrap(), b"");
@@ -42,13 +44,32 @@ async fn bytes_are_exact_both_ways_for_random_sizes_up_to_64_mib() {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     println!("seed {seed}");
-    let mut sizes = vec![1, 23, 24, 25, 16 * 1024, 16 * 1024 + 1, 64 * 1024 + 3, 64 * 1024 * 1024];
-    sizes.extend((0..4).map(|i| (pattern(seed + i, 4).iter().fold(0usize, |a, b| a << 8 | *b as usize)) % (8 << 20)));
+    let mut sizes = vec![
+        1,
+        23,
+        24,
+        25,
+        16 * 1024,
+        16 * 1024 + 1,
+        64 * 1024 + 3,
+        64 * 1024 * 1024,
+    ];
+    sizes.extend((0..4).map(|i| {
+        (pattern(seed + i, 4)
+            .iter()
+            .fold(0usize, |a, b| a << 8 | *b as usize))
+            % (8 << 20)
+    }));
     for (i, size) in sizes.into_iter().enumerate() {
         let data = pattern(seed.wrapping_add(i as u64 * 7919), size.max(1));
-        let got = tokio::time::timeout(DEADLINE, echo_through(runnel.addr, data.clone())).await.expect("echo timed out");
+        let got = tokio::time::timeout(DEADLINE, echo_through(runnel.addr, data.clone()))
+            .await
+            .expect("echo timed out");
         assert_eq!(got.len(), data.len(), "size {size}, seed {seed}");
         assert!(got == data, "bytes differ for size {size}, seed {seed}");
     }
@@ -74,6 +95,8 @@ async fn five_hundred_concurrent_connections_each_get_their_own_bytes() {
             t.await.unwrap();
         }
     };
-    tokio::time::timeout(DEADLINE * 2, all).await.expect("500 connections did not finish");
+    tokio::time::timeout(DEADLINE * 2, all)
+        .await
+        .expect("500 connections did not finish");
     assert_eq!(gateway.seen().len(), 500);
 }

@@ -46,7 +46,10 @@ async fn wait_until_refused(addr: SocketAddr) {
     loop {
         match TcpStream::connect(addr).await {
             Err(e) if e.kind() == ErrorKind::ConnectionRefused => return,
-            _ => assert!(Instant::now() < deadline, "new connections still accepted after SIGTERM"),
+            _ => assert!(
+                Instant::now() < deadline,
+                "new connections still accepted after SIGTERM"
+            ),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -93,10 +96,19 @@ async fn sigterm_lets_a_100_mib_transfer_finish_and_refuses_new_connections() {
     wait_until_refused(addr).await;
     go_on.send(()).unwrap();
     writer.await.unwrap();
-    let received = tokio::time::timeout(DEADLINE * 2, reader).await.expect("transfer stalled").unwrap();
+    let received = tokio::time::timeout(DEADLINE * 2, reader)
+        .await
+        .expect("transfer stalled")
+        .unwrap();
     assert_eq!(received, Ok(100 * MIB));
-    let status = tokio::task::spawn_blocking(move || runnel.wait_exit(DEADLINE)).await.unwrap();
-    assert_eq!(status.and_then(|s| s.code()), Some(0), "runnel did not exit cleanly after the drain");
+    let status = tokio::task::spawn_blocking(move || runnel.wait_exit(DEADLINE))
+        .await
+        .unwrap();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "runnel did not exit cleanly after the drain"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,14 +117,27 @@ async fn a_transfer_that_outlives_the_drain_deadline_is_reset() {
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let (mut runnel, addr) = serve(&pki, gateway.addr, "1s").await;
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(b"a transfer that never ends").await.unwrap();
+    stream
+        .write_all(b"a transfer that never ends")
+        .await
+        .unwrap();
     let mut echo = [0u8; 26];
     stream.read_exact(&mut echo).await.unwrap();
     let signalled = Instant::now();
     runnel.signal("TERM");
-    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.expect("not reset");
-    assert!(matches!(end, Err((ErrorKind::ConnectionReset, _))), "got {end:?}");
-    assert!(signalled.elapsed() >= Duration::from_millis(900), "reset before the drain deadline");
-    let status = tokio::task::spawn_blocking(move || runnel.wait_exit(DEADLINE)).await.unwrap();
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .expect("not reset");
+    assert!(
+        matches!(end, Err((ErrorKind::ConnectionReset, _))),
+        "got {end:?}"
+    );
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(900),
+        "reset before the drain deadline"
+    );
+    let status = tokio::task::spawn_blocking(move || runnel.wait_exit(DEADLINE))
+        .await
+        .unwrap();
     assert!(status.is_some(), "runnel did not exit");
 }

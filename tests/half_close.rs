@@ -8,12 +8,19 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 #[tokio::test]
 async fn downstream_half_close_still_delivers_the_upstream_reply() {
     let pki = pki();
-    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::CountThenReply).await;
+    let gateway = Gateway::start(
+        pki.gateway_tls(&[b"http/1.1"]).unwrap(),
+        Behaviour::CountThenReply,
+    )
+    .await;
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(&vec![7u8; 100_000]).await.unwrap();
     stream.shutdown().await.unwrap();
-    let reply = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap().expect("clean end");
+    let reply = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap()
+        .expect("clean end");
     assert_eq!(reply, b"received 100000");
 }
 
@@ -26,18 +33,29 @@ async fn upstream_half_close_still_lets_the_downstream_send() {
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"first").await.unwrap();
     // The upstream's close_notify arrives downstream as a clean FIN...
-    let reply = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap().expect("clean FIN");
+    let reply = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap()
+        .expect("clean FIN");
     assert_eq!(reply, b"server speaks and closes its side");
     // ...while the downstream can still send.
     stream.write_all(b" and more after the FIN").await.unwrap();
     stream.shutdown().await.unwrap();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let received = gateway.seen().first().map(|s| s.received.clone()).unwrap_or_default();
+        let received = gateway
+            .seen()
+            .first()
+            .map(|s| s.received.clone())
+            .unwrap_or_default();
         if received == b"first and more after the FIN" {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "gateway got {:?}", String::from_utf8_lossy(&received));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "gateway got {:?}",
+            String::from_utf8_lossy(&received)
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }

@@ -15,28 +15,46 @@ async fn upstream_truncation_resets_the_downstream() {
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap();
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap();
     match end {
         Err((kind, _)) => assert_eq!(kind, ErrorKind::ConnectionReset),
-        Ok(bytes) => panic!("truncation passed off as a clean end after {} bytes", bytes.len()),
+        Ok(bytes) => panic!(
+            "truncation passed off as a clean end after {} bytes",
+            bytes.len()
+        ),
     }
 }
 
 #[tokio::test]
 async fn upstream_reset_resets_the_downstream() {
     let pki = pki();
-    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::ReadThenReset).await;
+    let gateway = Gateway::start(
+        pki.gateway_tls(&[b"http/1.1"]).unwrap(),
+        Behaviour::ReadThenReset,
+    )
+    .await;
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"hello").await.unwrap();
-    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap();
-    assert!(matches!(end, Err((ErrorKind::ConnectionReset, _))), "got {end:?}");
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap();
+    assert!(
+        matches!(end, Err((ErrorKind::ConnectionReset, _))),
+        "got {end:?}"
+    );
 }
 
 #[tokio::test]
 async fn downstream_reset_resets_the_upstream() {
     let pki = pki();
-    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::CountThenReply).await;
+    let gateway = Gateway::start(
+        pki.gateway_tls(&[b"http/1.1"]).unwrap(),
+        Behaviour::CountThenReply,
+    )
+    .await;
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
     let stream = TcpStream::connect(runnel.addr).await.unwrap();
     let mut stream = stream;
@@ -44,10 +62,15 @@ async fn downstream_reset_resets_the_upstream() {
     // Wait until the gateway has the bytes, then reset the downstream.
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while gateway.seen().first().map_or(0, |s| s.received.len()) < 10 {
-        assert!(tokio::time::Instant::now() < deadline, "bytes never reached the gateway");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bytes never reached the gateway"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .unwrap();
     drop(stream);
     // The gateway (CountThenReply) would reply "received 10" only on a clean close_notify;
     // a reset upstream ends its read with an error, so no reply is ever attempted. Check
@@ -55,10 +78,15 @@ async fn downstream_reset_resets_the_upstream() {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let text = runnel.metrics().await;
-        if text.contains("runnel_downstream_connections_closed_total{outcome=\"downstream_reset\"} 1") {
+        if text
+            .contains("runnel_downstream_connections_closed_total{outcome=\"downstream_reset\"} 1")
+        {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "no downstream_reset outcome:\n{text}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no downstream_reset outcome:\n{text}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -67,10 +95,18 @@ async fn downstream_reset_resets_the_upstream() {
 async fn unreachable_upstream_closes_the_downstream_promptly() {
     let pki = pki();
     // A port with nothing listening: bind, note the port, close.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let runnel = Runnel::start(vars(&pki, addr)).await;
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.expect("downstream left hanging");
-    assert!(matches!(end, Err((ErrorKind::ConnectionReset, ref b)) if b.is_empty()), "got {end:?}");
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .expect("downstream left hanging");
+    assert!(
+        matches!(end, Err((ErrorKind::ConnectionReset, ref b)) if b.is_empty()),
+        "got {end:?}"
+    );
 }

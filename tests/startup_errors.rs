@@ -13,9 +13,19 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// Runs runnel with these variables and returns its single stderr line.
 fn refused(vars: &[(&str, &str)]) -> String {
     let finished = run_to_exit(&[], vars, TIMEOUT);
-    assert_eq!(finished.status.code(), Some(64), "stderr: {:?}", finished.stderr);
+    assert_eq!(
+        finished.status.code(),
+        Some(64),
+        "stderr: {:?}",
+        finished.stderr
+    );
     assert!(finished.stdout.is_empty(), "stdout: {:?}", finished.stdout);
-    assert_eq!(finished.stderr.len(), 1, "want one line, got {:?}", finished.stderr);
+    assert_eq!(
+        finished.stderr.len(),
+        1,
+        "want one line, got {:?}",
+        finished.stderr
+    );
     finished.stderr[0].clone()
 }
 
@@ -31,8 +41,16 @@ fn good(pki: &Pki) -> Vec<(&'static str, String)> {
     ]
 }
 
-fn with<'a>(base: &'a [(&'static str, String)], set: &[(&'static str, &'a str)], unset: &[&str]) -> Vec<(&'a str, &'a str)> {
-    let mut v: Vec<(&str, &str)> = base.iter().filter(|(k, _)| !unset.contains(k) && !set.iter().any(|(s, _)| s == k)).map(|(k, v)| (*k, v.as_str())).collect();
+fn with<'a>(
+    base: &'a [(&'static str, String)],
+    set: &[(&'static str, &'a str)],
+    unset: &[&str],
+) -> Vec<(&'a str, &'a str)> {
+    let mut v: Vec<(&str, &str)> = base
+        .iter()
+        .filter(|(k, _)| !unset.contains(k) && !set.iter().any(|(s, _)| s == k))
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
     v.extend(set.iter().copied());
     v
 }
@@ -40,10 +58,25 @@ fn with<'a>(base: &'a [(&'static str, String)], set: &[(&'static str, &'a str)],
 #[test]
 fn expired_client_certificate_is_refused() {
     let pki = Pki::generate().unwrap();
-    let expired = pki.issue_client("runnel", Some(SystemTime::now() - Duration::from_secs(3600))).unwrap();
+    let expired = pki
+        .issue_client(
+            "runnel",
+            Some(SystemTime::now() - Duration::from_secs(3600)),
+        )
+        .unwrap();
     let base = good(&pki);
-    let line = refused(&with(&base, &[("RUNNEL_TLS_CERT_PEM", &expired.cert_pem), ("RUNNEL_TLS_KEY_PEM", &expired.key_pem)], &[]));
-    assert!(line.starts_with("RUNNEL_TLS_CERT_PEM: client certificate expired at "), "{line}");
+    let line = refused(&with(
+        &base,
+        &[
+            ("RUNNEL_TLS_CERT_PEM", &expired.cert_pem),
+            ("RUNNEL_TLS_KEY_PEM", &expired.key_pem),
+        ],
+        &[],
+    ));
+    assert!(
+        line.starts_with("RUNNEL_TLS_CERT_PEM: client certificate expired at "),
+        "{line}"
+    );
 }
 
 #[test]
@@ -52,15 +85,25 @@ fn key_that_does_not_match_the_certificate_is_refused() {
     let other = pki.issue_client("other", None).unwrap();
     let base = good(&pki);
     let line = refused(&with(&base, &[("RUNNEL_TLS_KEY_PEM", &other.key_pem)], &[]));
-    assert_eq!(line, "RUNNEL_TLS_KEY_PEM: key does not match the certificate in RUNNEL_TLS_CERT_PEM");
+    assert_eq!(
+        line,
+        "RUNNEL_TLS_KEY_PEM: key does not match the certificate in RUNNEL_TLS_CERT_PEM"
+    );
 }
 
 #[test]
 fn unreadable_key_file_is_refused_with_its_path() {
     let pki = Pki::generate().unwrap();
     let base = good(&pki);
-    let line = refused(&with(&base, &[("RUNNEL_TLS_KEY_FILE", "/nonexistent/key.pem")], &["RUNNEL_TLS_KEY_PEM"]));
-    assert!(line.starts_with("RUNNEL_TLS_KEY_FILE: cannot read /nonexistent/key.pem"), "{line}");
+    let line = refused(&with(
+        &base,
+        &[("RUNNEL_TLS_KEY_FILE", "/nonexistent/key.pem")],
+        &["RUNNEL_TLS_KEY_PEM"],
+    ));
+    assert!(
+        line.starts_with("RUNNEL_TLS_KEY_FILE: cannot read /nonexistent/key.pem"),
+        "{line}"
+    );
 }
 
 #[test]
@@ -68,7 +111,10 @@ fn unknown_runnel_variable_is_refused_with_the_closest_name() {
     let pki = Pki::generate().unwrap();
     let base = good(&pki);
     let line = refused(&with(&base, &[("RUNNEL_CONECT_TIMEOUT", "5s")], &[]));
-    assert_eq!(line, "RUNNEL_CONECT_TIMEOUT: unknown variable; did you mean RUNNEL_CONNECT_TIMEOUT?");
+    assert_eq!(
+        line,
+        "RUNNEL_CONECT_TIMEOUT: unknown variable; did you mean RUNNEL_CONNECT_TIMEOUT?"
+    );
 }
 
 #[test]
@@ -76,7 +122,10 @@ fn ip_upstream_without_server_name_is_refused_and_explains_sni() {
     let pki = Pki::generate().unwrap();
     let base = good(&pki);
     let line = refused(&with(&base, &[], &["RUNNEL_SERVER_NAME"]));
-    assert!(line.starts_with("RUNNEL_SERVER_NAME: required when RUNNEL_UPSTREAM is an IP address"), "{line}");
+    assert!(
+        line.starts_with("RUNNEL_SERVER_NAME: required when RUNNEL_UPSTREAM is an IP address"),
+        "{line}"
+    );
     assert!(line.contains("filter_chain_not_found"), "{line}");
 }
 
@@ -84,15 +133,28 @@ fn ip_upstream_without_server_name_is_refused_and_explains_sni() {
 fn metrics_on_the_listen_port_is_refused() {
     let pki = Pki::generate().unwrap();
     let base = good(&pki);
-    let line = refused(&with(&base, &[("RUNNEL_LISTEN", "0.0.0.0:8080"), ("RUNNEL_METRICS_ADDR", "127.0.0.1:8080")], &[]));
-    assert!(line.starts_with("RUNNEL_METRICS_ADDR: port 8080 is the listen port"), "{line}");
+    let line = refused(&with(
+        &base,
+        &[
+            ("RUNNEL_LISTEN", "0.0.0.0:8080"),
+            ("RUNNEL_METRICS_ADDR", "127.0.0.1:8080"),
+        ],
+        &[],
+    ));
+    assert!(
+        line.starts_with("RUNNEL_METRICS_ADDR: port 8080 is the listen port"),
+        "{line}"
+    );
 }
 
 #[test]
 fn missing_upstream_is_refused() {
     let pki = Pki::generate().unwrap();
     let base = good(&pki);
-    assert_eq!(refused(&with(&base, &[], &["RUNNEL_UPSTREAM"])), "RUNNEL_UPSTREAM: required, but not set");
+    assert_eq!(
+        refused(&with(&base, &[], &["RUNNEL_UPSTREAM"])),
+        "RUNNEL_UPSTREAM: required, but not set"
+    );
 }
 
 #[test]
@@ -107,7 +169,14 @@ fn malformed_duration_is_refused() {
 fn ca_that_is_not_pem_is_refused() {
     let pki = Pki::generate().unwrap();
     let base = good(&pki);
-    assert_eq!(refused(&with(&base, &[("RUNNEL_TLS_CA_PEM", "not a certificate")], &[])), "RUNNEL_TLS_CA_PEM: no PEM certificate found");
+    assert_eq!(
+        refused(&with(
+            &base,
+            &[("RUNNEL_TLS_CA_PEM", "not a certificate")],
+            &[]
+        )),
+        "RUNNEL_TLS_CA_PEM: no PEM certificate found"
+    );
 }
 
 #[test]
@@ -116,9 +185,15 @@ fn help_lists_every_variable_with_its_default() {
     assert_eq!(finished.status.code(), Some(0));
     let out = finished.stdout.join("\n");
     for var in runnel::config::VARS {
-        let line = out.lines().find(|l| l.trim_start().starts_with(var.name)).unwrap_or_else(|| panic!("{} missing from --help:\n{out}", var.name));
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(var.name))
+            .unwrap_or_else(|| panic!("{} missing from --help:\n{out}", var.name));
         if !var.default.is_empty() {
-            assert!(line.contains(&format!("[default: {}]", var.default)), "{line}");
+            assert!(
+                line.contains(&format!("[default: {}]", var.default)),
+                "{line}"
+            );
         }
     }
 }

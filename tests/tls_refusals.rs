@@ -12,7 +12,9 @@ const MARKER: &[u8] = b"PLAINTEXT-MARKER-5f2c";
 async fn send_marker_and_expect_close(runnel: &Runnel) {
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(MARKER).await.unwrap();
-    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.expect("downstream left open");
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .expect("downstream left open");
     let bytes = match end {
         Ok(b) => b,
         Err((_, b)) => b,
@@ -24,11 +26,15 @@ async fn send_marker_and_expect_close(runnel: &Runnel) {
 async fn gateway_certificate_from_another_ca_gets_no_bytes() {
     let ours = pki();
     let theirs = Pki::generate().unwrap();
-    let gateway = Gateway::start(theirs.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let gateway =
+        Gateway::start(theirs.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let runnel = Runnel::start(vars(&ours, gateway.addr)).await;
     send_marker_and_expect_close(&runnel).await;
     assert!(gateway.seen().is_empty(), "a handshake completed");
-    assert!(!gateway.raw_contains(MARKER), "plaintext reached the gateway");
+    assert!(
+        !gateway.raw_contains(MARKER),
+        "plaintext reached the gateway"
+    );
 }
 
 #[tokio::test]
@@ -40,7 +46,10 @@ async fn gateway_certificate_for_another_name_gets_no_bytes() {
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
     send_marker_and_expect_close(&runnel).await;
     assert!(gateway.seen().is_empty(), "a handshake completed");
-    assert!(!gateway.raw_contains(MARKER), "plaintext reached the gateway");
+    assert!(
+        !gateway.raw_contains(MARKER),
+        "plaintext reached the gateway"
+    );
 }
 
 #[tokio::test]
@@ -51,15 +60,22 @@ async fn a_plaintext_listener_upstream_never_sees_the_downstream_bytes() {
     let addr = listener.local_addr().unwrap();
     let seen = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await.unwrap();
-        let got = read_to_end(&mut s).await.map_or_else(|(_, b)| b, |b| b);
-        got
+        s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
+        read_to_end(&mut s).await.unwrap_or_else(|(_, b)| b)
     });
     let runnel = Runnel::start(vars(&pki, addr)).await;
     send_marker_and_expect_close(&runnel).await;
     let got = tokio::time::timeout(DEADLINE, seen).await.unwrap().unwrap();
-    assert!(!got.windows(MARKER.len()).any(|w| w == MARKER), "plaintext reached the fake gateway");
-    assert!(got.first() == Some(&0x16), "first byte was not a TLS handshake record");
+    assert!(
+        !got.windows(MARKER.len()).any(|w| w == MARKER),
+        "plaintext reached the fake gateway"
+    );
+    assert!(
+        got.first() == Some(&0x16),
+        "first byte was not a TLS handshake record"
+    );
 }
 
 #[tokio::test]
@@ -76,6 +92,12 @@ async fn a_downstream_that_sends_nothing_opens_no_upstream_connection() {
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"x").await.unwrap();
     stream.shutdown().await.unwrap();
-    assert_eq!(tokio::time::timeout(DEADLINE, read_to_end(&mut stream)).await.unwrap().unwrap(), b"x");
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+            .await
+            .unwrap()
+            .unwrap(),
+        b"x"
+    );
     assert_eq!(*gateway.accepted.lock().unwrap(), 1);
 }

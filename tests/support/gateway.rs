@@ -72,17 +72,28 @@ impl Gateway {
         let (s, r, a) = (seen.clone(), raw.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 *a.lock().unwrap() += 1;
-                let (acceptor, behaviour, s, r) = (acceptor.clone(), behaviour.clone(), s.clone(), r.clone());
+                let (acceptor, behaviour, s, r) =
+                    (acceptor.clone(), behaviour.clone(), s.clone(), r.clone());
                 tokio::spawn(async move {
                     let recording = Recording { inner: tcp, raw: r };
-                    let Ok(tls) = acceptor.accept(recording).await else { return };
+                    let Ok(tls) = acceptor.accept(recording).await else {
+                        return;
+                    };
                     let _ = serve(tls, behaviour, s).await;
                 });
             }
         });
-        Gateway { addr, seen, raw, accepted, task }
+        Gateway {
+            addr,
+            seen,
+            raw,
+            accepted,
+            task,
+        }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -90,11 +101,19 @@ impl Gateway {
     }
 
     pub fn raw_contains(&self, needle: &[u8]) -> bool {
-        self.raw.lock().unwrap().windows(needle.len()).any(|w| w == needle)
+        self.raw
+            .lock()
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
     }
 }
 
-async fn serve(mut tls: TlsStream<Recording>, behaviour: Behaviour, seen: Arc<Mutex<Vec<Seen>>>) -> io::Result<()> {
+async fn serve(
+    mut tls: TlsStream<Recording>,
+    behaviour: Behaviour,
+    seen: Arc<Mutex<Vec<Seen>>>,
+) -> io::Result<()> {
     let index = {
         let (_, conn) = tls.get_ref();
         let mut all = seen.lock().unwrap();
@@ -106,7 +125,11 @@ async fn serve(mut tls: TlsStream<Recording>, behaviour: Behaviour, seen: Arc<Mu
         });
         all.len() - 1
     };
-    let record = |bytes: &[u8]| seen.lock().unwrap()[index].received.extend_from_slice(bytes);
+    let record = |bytes: &[u8]| {
+        seen.lock().unwrap()[index]
+            .received
+            .extend_from_slice(bytes)
+    };
     let mut buf = vec![0u8; 64 * 1024];
     match behaviour {
         Behaviour::Echo => loop {
@@ -126,7 +149,8 @@ async fn serve(mut tls: TlsStream<Recording>, behaviour: Behaviour, seen: Arc<Mu
                 record(&buf[..n]);
                 total += n;
             }
-            tls.write_all(format!("received {total}").as_bytes()).await?;
+            tls.write_all(format!("received {total}").as_bytes())
+                .await?;
             tls.shutdown().await
         }
         Behaviour::ReplyThenHalfClose(reply) => {
@@ -168,18 +192,29 @@ pub struct Recording {
 }
 
 impl AsyncRead for Recording {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            self.raw.lock().unwrap().extend_from_slice(&buf.filled()[before..]);
+            self.raw
+                .lock()
+                .unwrap()
+                .extend_from_slice(&buf.filled()[before..]);
         }
         result
     }
 }
 
 impl tokio::io::AsyncWrite for Recording {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -224,9 +259,23 @@ impl Runnel {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            runnel::run(config, Listeners { tunnel, admin: Some(admin) }, shutdown).await.unwrap();
+            runnel::run(
+                config,
+                Listeners {
+                    tunnel,
+                    admin: Some(admin),
+                },
+                shutdown,
+            )
+            .await
+            .unwrap();
         });
-        Runnel { addr, admin: admin_addr, stop: Some(stop), task }
+        Runnel {
+            addr,
+            admin: admin_addr,
+            stop: Some(stop),
+            task,
+        }
     }
 
     /// Begins the drain, as SIGTERM would.
@@ -238,7 +287,9 @@ impl Runnel {
 
     pub async fn metrics(&self) -> String {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out

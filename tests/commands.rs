@@ -1,0 +1,141 @@
+//! `runnel check` and `runnel demo`, as a user runs them.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{
+    gateway::{Behaviour, Gateway, pki},
+    process::{Runnel, http_get, run_to_exit},
+};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_what_the_handshake_negotiated() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let vars = [
+        ("RUNNEL_UPSTREAM", gateway.addr.to_string()),
+        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
+        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
+        ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
+        ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
+    ];
+    let finished = tokio::task::spawn_blocking(move || {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_to_exit(&["check"], &vars, TIMEOUT)
+    })
+    .await
+    .unwrap();
+    assert_eq!(finished.status.code(), Some(0), "{:?}", finished.stderr);
+    let out = finished.stdout.join("\n");
+    for expected in [
+        "tls version       TLSv1_3",
+        "key exchange      X25519MLKEM768",
+        "alpn              http/1.1",
+        "gateway SANs",
+        "gateway.runnel.test",
+        "client cert until",
+        "handshake time",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing from:\n{out}");
+    }
+}
+
+#[test]
+fn check_against_nothing_fails_with_the_reason() {
+    let pki = pki();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let upstream = format!("127.0.0.1:{port}");
+    let vars = [
+        ("RUNNEL_UPSTREAM", upstream.as_str()),
+        ("RUNNEL_SERVER_NAME", "gateway.runnel.test"),
+        ("RUNNEL_TLS_CA_PEM", &pki.ca_cert_pem),
+        ("RUNNEL_TLS_CERT_PEM", &pki.client.cert_pem),
+        ("RUNNEL_TLS_KEY_PEM", &pki.client.key_pem),
+    ];
+    let finished = run_to_exit(&["check"], &vars, TIMEOUT);
+    assert_eq!(finished.status.code(), Some(1));
+    assert!(
+        finished
+            .stderr
+            .iter()
+            .any(|l| l.starts_with("check failed: ") && l.contains("TCP connect")),
+        "{:?}",
+        finished.stderr
+    );
+}
+
+#[test]
+fn demo_serves_a_page_naming_the_client_identity() {
+    let mut demo = Runnel::spawn(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let addr = loop {
+        if let Some(addr) = demo.stdout().iter().find_map(|l| {
+            l.trim()
+                .strip_prefix("curl http://")
+                .and_then(|r| r.strip_suffix('/'))
+                .map(str::to_owned)
+        }) {
+            break addr;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "demo printed no curl line: {:?} {:?}",
+            demo.stdout(),
+            demo.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (status, body) = http_get(addr.parse().unwrap(), "/", TIMEOUT).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("client identity: spiffe://cluster.local/ns/runnel/sa/runnel"),
+        "{body}"
+    );
+    demo.signal("TERM");
+    assert_eq!(demo.wait_exit(TIMEOUT).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn unresolvable_upstream_is_not_fatal_at_start_up() {
+    let pki = pki();
+    let vars = [
+        ("RUNNEL_UPSTREAM", "gateway.does-not-exist.invalid:443"),
+        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.as_str()),
+        ("RUNNEL_TLS_CERT_PEM", &pki.client.cert_pem),
+        ("RUNNEL_TLS_KEY_PEM", &pki.client.key_pem),
+        ("RUNNEL_LISTEN", "127.0.0.1:0"),
+        ("RUNNEL_METRICS_ADDR", "127.0.0.1:0"),
+    ];
+    let (mut runnel, listening) = Runnel::serve(&vars);
+    let (status, _) = http_get(listening.metrics.unwrap(), "/healthz", TIMEOUT).unwrap();
+    assert_eq!(status, 200);
+    // A connection is reset promptly, not left hanging.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(listening.listen).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = [0u8; 16];
+    let end = s.read(&mut buf);
+    assert!(
+        matches!(&end, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
+    runnel.signal("TERM");
+    assert_eq!(runnel.wait_exit(TIMEOUT).and_then(|s| s.code()), Some(0));
+}

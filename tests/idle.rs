@@ -1,0 +1,57 @@
+//! The idle timeout closes a pair with no bytes either way, and only then.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+#[tokio::test]
+async fn idle_pair_is_closed_after_the_idle_timeout_but_not_while_bytes_flow() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let mut v = vars(&pki, gateway.addr);
+    v.push(("RUNNEL_IDLE_TIMEOUT".into(), "400ms".into()));
+    let runnel = Runnel::start(v).await;
+    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
+    // Keep it busy for well over the timeout: one byte every 100 ms.
+    let busy_until = Instant::now() + Duration::from_millis(1200);
+    let mut byte = [0u8; 1];
+    let quiet_since = loop {
+        stream.write_all(b"k").await.unwrap();
+        stream.read_exact(&mut byte).await.unwrap();
+        let last_byte = Instant::now();
+        if last_byte > busy_until {
+            break last_byte;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap();
+    assert_eq!(end, Ok(Vec::new()), "an idle close is a clean close");
+    assert!(
+        quiet_since.elapsed() >= Duration::from_millis(350),
+        "closed after {:?}",
+        quiet_since.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_downstream_that_never_speaks_is_closed_after_the_idle_timeout() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let mut v = vars(&pki, gateway.addr);
+    v.push(("RUNNEL_IDLE_TIMEOUT".into(), "300ms".into()));
+    let runnel = Runnel::start(v).await;
+    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap();
+    assert_eq!(end, Ok(Vec::new()));
+    assert_eq!(*gateway.accepted.lock().unwrap(), 0);
+}
