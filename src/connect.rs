@@ -5,7 +5,6 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -15,14 +14,9 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{self, Config, UpstreamHost},
-    error::ConnectError,
-    metrics, socket,
-    tls::ClientConfigs,
+    config::Config, dns::Resolver, error::ConnectError, metrics, socket, tls::ClientConfigs,
 };
 
-/// How often DNS names are resolved again; an internal LB's address rarely changes.
-const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 /// While no address is known, retry this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 
@@ -126,7 +120,7 @@ impl Connector {
         &self,
         deadline: tokio::time::Instant,
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
-        let addrs = self.resolver.addrs().await?;
+        let addrs = self.resolver.addrs().await.map_err(ConnectError::Dns)?;
         let mut last_error = None;
         for (i, addr) in addrs.iter().enumerate() {
             let left = addrs.len() - i;
@@ -145,12 +139,12 @@ impl Connector {
 
     /// Keeps DNS answers fresh until `stop`.
     pub async fn refresh_dns(&self, stop: CancellationToken) {
-        if matches!(self.resolver.target.host, UpstreamHost::Ip(_)) {
+        if !self.resolver.is_dns() {
             return;
         }
         loop {
             let wait = match self.resolver.refresh().await {
-                Ok(()) => RESOLVE_INTERVAL,
+                Ok(ttl) => ttl,
                 Err(e) => {
                     tracing::warn!(upstream = %self.resolver.target, error = %e, "cannot resolve the upstream; retrying");
                     RESOLVE_RETRY
@@ -161,65 +155,6 @@ impl Connector {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-    }
-}
-
-/// The upstream's addresses: fixed for an IP, re-resolved for a DNS name.
-struct Resolver {
-    target: config::Upstream,
-    addrs: RwLock<Arc<[SocketAddr]>>,
-}
-
-impl Resolver {
-    fn new(target: config::Upstream) -> Resolver {
-        let addrs: Arc<[SocketAddr]> = match target.host {
-            UpstreamHost::Ip(ip) => Arc::new([SocketAddr::new(ip, target.port)]),
-            UpstreamHost::Dns(_) => Arc::new([]),
-        };
-        Resolver {
-            target,
-            addrs: RwLock::new(addrs),
-        }
-    }
-
-    /// The known addresses; resolves on the spot when none is known yet.
-    async fn addrs(&self) -> Result<Arc<[SocketAddr]>, ConnectError> {
-        let known = self
-            .addrs
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_else(|p| p.into_inner().clone());
-        if !known.is_empty() {
-            return Ok(known);
-        }
-        self.refresh()
-            .await
-            .map_err(|e| ConnectError::Dns(e.to_string()))?;
-        Ok(self
-            .addrs
-            .read()
-            .map(|a| a.clone())
-            .unwrap_or_else(|p| p.into_inner().clone()))
-    }
-
-    async fn refresh(&self) -> std::io::Result<()> {
-        let UpstreamHost::Dns(name) = &self.target.host else {
-            return Ok(());
-        };
-        let found: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), self.target.port))
-            .await?
-            .collect();
-        if found.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no addresses",
-            ));
-        }
-        match self.addrs.write() {
-            Ok(mut a) => *a = found.into(),
-            Err(p) => *p.into_inner() = found.into(),
-        }
-        Ok(())
     }
 }
 

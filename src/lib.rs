@@ -11,7 +11,7 @@
 //! Modules:
 //! - `config`: the only reader of the environment; `Config` holds parsed, checked values.
 //! - `tls`: CA, client identity and one `ClientConfig` per ALPN offer, built once.
-//! - `connect`: DNS, TCP connect and TLS handshake under one deadline.
+//! - `connect`: TCP connect and TLS handshake under one deadline; `dns` resolves.
 //! - `detect`: the first downstream bytes and the ALPN offer they imply.
 //! - `copy`: the two-way copy with half-close, truncation and reset handling.
 //! - `tunnel`: one downstream connection end to end, one span, one outcome.
@@ -30,6 +30,7 @@ pub mod connect;
 pub mod copy;
 pub mod demo;
 pub mod detect;
+pub mod dns;
 pub mod error;
 pub mod logging;
 pub mod metrics;
