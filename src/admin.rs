@@ -18,18 +18,36 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use crate::{connect::Connector, pool::Pools};
+
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What `/readyz` reports.
-#[derive(Default)]
+/// A handshake at least this recent shows the gateway reachable.
+const RECENT_HANDSHAKE: Duration = Duration::from_secs(60);
+
+/// What `/readyz` reports: listening, not draining, and the gateway reachable (a warm
+/// pool, or a recent successful handshake).
 pub struct Health {
     pub listening: AtomicBool,
     pub draining: AtomicBool,
+    connector: Arc<Connector>,
+    pools: Arc<Pools>,
 }
 
 impl Health {
+    pub fn new(connector: Arc<Connector>, pools: Arc<Pools>) -> Health {
+        Health {
+            listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            connector,
+            pools,
+        }
+    }
+
     pub fn ready(&self) -> bool {
-        self.listening.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
+        self.listening.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && (self.pools.idle() > 0 || self.connector.succeeded_within(RECENT_HANDSHAKE))
     }
 }
 

@@ -101,6 +101,21 @@ pub const VARS: &[Var] = &[
         help: "after SIGTERM, how long open connections may finish",
     },
     Var {
+        name: "RUNNEL_POOL_MIN",
+        default: "2",
+        help: "pre-handshaken idle upstream connections kept per ALPN offer, at least",
+    },
+    Var {
+        name: "RUNNEL_POOL_MAX",
+        default: "32",
+        help: "at most (the pool grows with the rate of new connections); 0 = no pool",
+    },
+    Var {
+        name: "RUNNEL_POOL_MAX_IDLE",
+        default: "2m",
+        help: "pooled connections are replaced before this age",
+    },
+    Var {
         name: "RUNNEL_MAX_CONNECTIONS",
         default: "10000",
         help: "downstream connections at once; more wait in the backlog",
@@ -141,6 +156,7 @@ pub struct Config {
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
     pub max_connections: usize,
+    pub pool: PoolConfig,
     /// `None` when metrics are off.
     pub metrics_addr: Option<SocketAddr>,
     pub log_filter: String,
@@ -168,6 +184,15 @@ impl std::fmt::Display for Upstream {
             UpstreamHost::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
         }
     }
+}
+
+/// Sizing of the pools of pre-handshaken upstream connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub min: usize,
+    /// 0 disables pooling.
+    pub max: usize,
+    pub max_idle: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,6 +294,7 @@ impl Config {
         let max_connections = env.parse_or("RUNNEL_MAX_CONNECTIONS", 10_000, |s| {
             parse_count(s, 1_000_000)
         })?;
+        let pool = parse_pool(&env)?;
         let metrics_addr = env.parse_or(
             "RUNNEL_METRICS_ADDR",
             Some(SocketAddr::from(([0, 0, 0, 0], 9090))),
@@ -314,6 +340,7 @@ impl Config {
             idle_timeout: (!idle.is_zero()).then_some(idle),
             drain_timeout,
             max_connections,
+            pool,
             metrics_addr,
             log_filter,
             log_format,
@@ -366,6 +393,29 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         d if d.is_zero() => Err("must be greater than zero".into()),
         d => Ok(d),
     }
+}
+
+fn parse_pool(env: &Env) -> Result<PoolConfig, ConfigError> {
+    let count = |s: &str| {
+        s.parse::<usize>()
+            .ok()
+            .filter(|n| *n <= 1024)
+            .ok_or_else(|| format!("{s:?} is not a whole number from 0 to 1024"))
+    };
+    let min = env.parse_or("RUNNEL_POOL_MIN", 2, count)?;
+    let max = env.parse_or("RUNNEL_POOL_MAX", 32.max(min), count)?;
+    if min > max {
+        return Err(ConfigError::new(
+            "RUNNEL_POOL_MIN",
+            format!("{min} is above RUNNEL_POOL_MAX ({max})"),
+        ));
+    }
+    let max_idle = env.parse_or(
+        "RUNNEL_POOL_MAX_IDLE",
+        Duration::from_secs(120),
+        parse_positive_duration,
+    )?;
+    Ok(PoolConfig { min, max, max_idle })
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {

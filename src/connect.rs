@@ -4,12 +4,17 @@
 //! was offered (or none), so nothing is ever written upstream before TLS is up.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use rustls::{ClientConfig, HandshakeKind, pki_types::ServerName};
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, task::JoinSet};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +22,10 @@ use crate::{
     config::Config, dns::Resolver, error::ConnectError, metrics, socket, tls::ClientConfigs,
 };
 
+/// RFC 8305's recommended Connection Attempt Delay.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+/// How long an address that refused or timed out is tried last.
+const AVOID_FOR: Duration = Duration::from_secs(30);
 /// While no address is known, retry this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 
@@ -27,6 +36,17 @@ pub enum Offer {
     Http1,
     /// `RUNNEL_ALPN=none` or a fixed list.
     Fixed,
+}
+
+impl Offer {
+    /// Metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Offer::H2 => "h2",
+            Offer::Http1 => "http/1.1",
+            Offer::Fixed => "fixed",
+        }
+    }
 }
 
 /// A TLS stream to the upstream and what its handshake negotiated.
@@ -45,6 +65,8 @@ pub struct HandshakeInfo {
     pub version: String,
     pub cipher: String,
     pub kx_group: String,
+    /// Taken from the pool rather than dialled for this connection.
+    pub pooled: bool,
 }
 
 /// Everything needed to open upstream connections; shared by all connections.
@@ -53,6 +75,11 @@ pub struct Connector {
     server_name: ServerName<'static>,
     timeout: Duration,
     resolver: Resolver,
+    /// Addresses that failed recently, and until when to try them last.
+    avoid: Mutex<HashMap<SocketAddr, Instant>>,
+    epoch: Instant,
+    /// When a handshake last succeeded, in ms since `epoch` (0 = never).
+    last_ok_millis: AtomicU64,
 }
 
 impl Connector {
@@ -62,25 +89,23 @@ impl Connector {
             server_name: config.server_name.clone(),
             timeout: config.connect_timeout,
             resolver: Resolver::new(config.upstream.clone()),
+            avoid: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
+            last_ok_millis: AtomicU64::new(0),
         })
     }
 
     /// Connects and handshakes within the connect timeout.
     pub async fn connect(&self, offer: Offer) -> Result<Connected, ConnectError> {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        match tokio::time::timeout_at(deadline, self.connect_inner(offer, deadline)).await {
+        match tokio::time::timeout(self.timeout, self.connect_inner(offer)).await {
             Ok(result) => result,
             Err(_) => Err(ConnectError::Timeout),
         }
     }
 
-    async fn connect_inner(
-        &self,
-        offer: Offer,
-        deadline: tokio::time::Instant,
-    ) -> Result<Connected, ConnectError> {
+    async fn connect_inner(&self, offer: Offer) -> Result<Connected, ConnectError> {
         let started = Instant::now();
-        let (tcp, addr) = self.connect_tcp(deadline).await?;
+        let (tcp, addr) = self.connect_tcp().await?;
         let connect_time = started.elapsed();
         metrics::Handles::get().connect.record(connect_time);
         socket::upstream(&tcp);
@@ -114,27 +139,88 @@ impl Connector {
         Ok(Connected { stream, info })
     }
 
-    /// Tries each resolved address in turn; all but the last get a share of the time left,
-    /// so one black-holed address cannot eat the whole deadline.
-    async fn connect_tcp(
-        &self,
-        deadline: tokio::time::Instant,
-    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
-        let addrs = self.resolver.addrs().await.map_err(ConnectError::Dns)?;
+    /// Races connection attempts across the resolved addresses in the manner of Happy
+    /// Eyeballs (RFC 8305): one attempt starts, the next after `ATTEMPT_DELAY` or as
+    /// soon as one fails; the first to connect wins. Addresses that failed recently go
+    /// last.
+    async fn connect_tcp(&self) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        let addrs = self.ordered(&self.resolver.addrs().await.map_err(ConnectError::Dns)?);
+        let mut attempts = JoinSet::new();
+        let mut next = 0;
         let mut last_error = None;
-        for (i, addr) in addrs.iter().enumerate() {
-            let left = addrs.len() - i;
-            let share = deadline.saturating_duration_since(tokio::time::Instant::now())
-                / u32::try_from(left).unwrap_or(1);
-            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
-                Ok(Ok(tcp)) => return Ok((tcp, *addr)),
-                Ok(Err(e)) => last_error = Some(e),
-                Err(_) => last_error = Some(std::io::ErrorKind::TimedOut.into()),
+        loop {
+            if next < addrs.len() {
+                let addr = addrs[next];
+                attempts.spawn(async move { (addr, TcpStream::connect(addr).await) });
+                next += 1;
+            }
+            if attempts.is_empty() {
+                return Err(ConnectError::Tcp(
+                    last_error.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+                ));
+            }
+            let more = next < addrs.len();
+            tokio::select! {
+                joined = attempts.join_next() => match joined {
+                    Some(Ok((addr, Ok(tcp)))) => {
+                        self.avoid.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+                        return Ok((tcp, addr));
+                    }
+                    Some(Ok((addr, Err(e)))) => {
+                        self.avoid.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, Instant::now() + AVOID_FOR);
+                        last_error = Some(e);
+                    }
+                    Some(Err(_)) | None => {}
+                },
+                _ = tokio::time::sleep(ATTEMPT_DELAY), if more => {}
             }
         }
-        Err(ConnectError::Tcp(
-            last_error.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
-        ))
+    }
+
+    /// Addresses in DNS order, families interleaved (RFC 8305 section 4), recently failed
+    /// ones last.
+    fn ordered(&self, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+        let (mut a, mut b): (Vec<_>, Vec<_>) = addrs.iter().partition(|x| x.is_ipv6() == first_v6);
+        let mut out = Vec::with_capacity(addrs.len());
+        a.reverse();
+        b.reverse();
+        while let Some(x) = a.pop() {
+            out.push(x);
+            out.extend(b.pop());
+        }
+        out.extend(b.into_iter().rev());
+        let now = Instant::now();
+        let avoid = self.avoid.lock().unwrap_or_else(|p| p.into_inner());
+        out.sort_by_key(|x| avoid.get(x).is_some_and(|until| *until > now));
+        out
+    }
+
+    #[cfg(test)]
+    fn resolver_addrs_for_test(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, std::sync::Arc<[SocketAddr]>> {
+        self.resolver.addrs_mut()
+    }
+
+    /// Notes that the gateway accepted a connection (it sent a ticket or data after the
+    /// handshake, or passed the pool's probation): the readiness signal.
+    pub fn mark_accepted(&self) {
+        self.last_ok_millis.store(
+            (self.epoch.elapsed().as_millis() as u64).max(1),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// TLS 1.3 session tickets held for resumption.
+    pub fn tickets(&self) -> usize {
+        self.configs.tickets.tickets()
+    }
+
+    /// Whether the gateway accepted a connection within `window`.
+    pub fn succeeded_within(&self, window: Duration) -> bool {
+        let at = self.last_ok_millis.load(Ordering::Relaxed);
+        at != 0 && self.epoch.elapsed().as_millis() as u64 <= at + window.as_millis() as u64
     }
 
     /// Keeps DNS answers fresh until `stop`.
@@ -182,6 +268,7 @@ fn handshake_info(
         kx_group: conn
             .negotiated_key_exchange_group()
             .map_or_else(String::new, |g| format!("{:?}", g.name())),
+        pooled: false,
     }
 }
 
@@ -192,5 +279,83 @@ fn check_alpn(tls: &ClientConfig, negotiated: Option<&str>) -> Result<(), Connec
             Err(ConnectError::AlpnMismatch(p.to_owned()))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::demo::Pki;
+
+    fn connector(pki: &Pki, upstream: &str) -> Connector {
+        let (config, _) = Config::from_vars([
+            ("RUNNEL_UPSTREAM", upstream.to_owned()),
+            ("RUNNEL_SERVER_NAME", crate::demo::GATEWAY_NAME.to_owned()),
+            ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
+            ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
+            ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
+            ("RUNNEL_CONNECT_TIMEOUT", "3s".to_owned()),
+        ])
+        .unwrap();
+        Connector::new(&config).unwrap()
+    }
+
+    /// A listener whose accept queue is full: SYNs to it are dropped, so a connect
+    /// attempt hangs like one to a black-holed address.
+    fn black_hole() -> (socket2::Socket, Vec<std::net::TcpStream>, SocketAddr) {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut fill = Vec::new();
+        // Fill the queue; later attempts time out instead of connecting.
+        while fill.len() < 8 {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                Ok(s) => fill.push(s),
+                Err(_) => break,
+            }
+        }
+        (socket, fill, addr)
+    }
+
+    #[tokio::test]
+    async fn racing_reaches_the_address_that_answers_past_a_black_hole() {
+        let pki = Pki::generate().unwrap();
+        let (_hole, _fill, hole) = black_hole();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let c = connector(&pki, &hole.to_string());
+        *c.resolver_addrs_for_test() = Arc::from(vec![hole, good_addr]);
+        let started = Instant::now();
+        let (_, addr) = c.connect_tcp().await.unwrap();
+        assert_eq!(addr, good_addr);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        // The black hole stays pending; the refused one would be avoided next time.
+        let (_, addr) = c.connect_tcp().await.unwrap();
+        assert_eq!(addr, good_addr);
+    }
+
+    #[tokio::test]
+    async fn a_refusing_address_is_tried_last_afterwards() {
+        let pki = Pki::generate().unwrap();
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let good_addr = good.local_addr().unwrap();
+        let c = connector(&pki, &refused.to_string());
+        *c.resolver_addrs_for_test() = Arc::from(vec![refused, good_addr]);
+        assert_eq!(c.connect_tcp().await.unwrap().1, good_addr);
+        assert_eq!(c.ordered(&[refused, good_addr]), vec![good_addr, refused]);
     }
 }

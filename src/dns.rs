@@ -57,6 +57,12 @@ impl Resolver {
         Ok(self.known())
     }
 
+    /// Replaces the address list (tests inject addresses DNS cannot give here).
+    #[cfg(test)]
+    pub fn addrs_mut(&self) -> std::sync::RwLockWriteGuard<'_, Arc<[SocketAddr]>> {
+        self.addrs.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn known(&self) -> Arc<[SocketAddr]> {
         match self.addrs.read() {
             Ok(a) => a.clone(),

@@ -34,6 +34,7 @@ pub mod dns;
 pub mod error;
 pub mod logging;
 pub mod metrics;
+pub mod pool;
 pub mod server;
 pub mod socket;
 pub mod tls;
@@ -45,10 +46,56 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use crate::config::Config;
-use crate::{admin::Health, connect::Connector, tunnel::Shared};
+use crate::{admin::Health, connect::Connector, pool::Pools, tunnel::Shared};
 
 /// After the drain deadline resets what is left, how long those tasks get to finish.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
+/// The least time start-up waits for the pools to warm before logging "ready".
+const WARM_UP_MIN: Duration = Duration::from_secs(1);
+
+/// Warms the pools (or, without pools, proves the gateway reachable once) and logs
+/// "ready". Bounded: an unreachable gateway delays readiness, never serving.
+async fn warm_up(
+    pools: Arc<Pools>,
+    connector: Arc<Connector>,
+    connect_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let started = tokio::time::Instant::now();
+    if pools.enabled() {
+        let warm = pools.warm(started + connect_timeout.max(WARM_UP_MIN)).await;
+        tracing::info!(
+            pool.idle = pools.idle(),
+            warm,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ready"
+        );
+        return;
+    }
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        tokio::select! {
+            c = connector.connect(connect::Offer::Http1) => match c {
+                Ok(mut c) => match pool::admit(&mut c).await {
+                    Ok(()) => {
+                        connector.mark_accepted();
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut c.stream).await;
+                        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
+                        return;
+                    }
+                    Err(reason) => tracing::warn!(reason = reason.label(), "the gateway refused a connection after the handshake (client certificate rejected?)"),
+                },
+                Err(e) => tracing::warn!(error = %e, "the gateway is not reachable yet"),
+            },
+            _ = stop.cancelled() => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
 
 /// The listeners runnel serves, bound by the caller (tests bind `127.0.0.1:0`).
 pub struct Listeners {
@@ -69,19 +116,34 @@ pub async fn run(
     // Exported from the start, so dashboards and alerts see 0 rather than nothing.
     ::metrics::gauge!(metrics::DRAINING).set(0.0);
     ::metrics::counter!(metrics::ACCEPT_ERRORS).increment(0);
+    for reason in pool::Discard::ALL {
+        ::metrics::counter!(metrics::POOL_DISCARDS, "reason" => reason.label()).increment(0);
+    }
     let config = Arc::new(config);
+    let connector = Arc::new(Connector::new(&config)?);
+    let stop = CancellationToken::new();
+    let pools = Pools::new(connector.clone(), &config, stop.clone());
     let shared = Arc::new(Shared {
-        connector: Connector::new(&config)?,
+        pools: pools.clone(),
         config: config.clone(),
-        stop: CancellationToken::new(),
+        stop: stop.clone(),
         abort: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(connector.clone(), pools.clone()));
     let admin_stop = CancellationToken::new();
 
-    let dns = shared.clone();
-    tracker.spawn(async move { dns.connector.refresh_dns(dns.stop.clone()).await });
+    tracker.spawn({
+        let (connector, stop) = (connector.clone(), stop.clone());
+        async move { connector.refresh_dns(stop).await }
+    });
+    pools.start(&tracker);
+    tracker.spawn(warm_up(
+        pools.clone(),
+        connector.clone(),
+        config.connect_timeout,
+        stop.clone(),
+    ));
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(admin) = listeners.admin {
         // The admin port has its own tracker: it keeps answering (/readyz = 503) while draining.
@@ -107,7 +169,7 @@ pub async fn run(
 
     health.draining.store(true, Ordering::Relaxed);
     ::metrics::gauge!(metrics::DRAINING).set(1.0);
-    shared.stop.cancel();
+    stop.cancel();
     tracker.close();
     tracing::info!(
         open = tracker.len(),

@@ -4,7 +4,13 @@
 //! Invariant: names here are API (the README table is checked against `CATALOGUE`);
 //! labels take values only from enums, never from addresses or error text.
 
-use std::sync::OnceLock;
+use std::{
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -18,6 +24,12 @@ pub const BYTES: &str = "runnel_bytes_total";
 pub const HANDSHAKE_DURATION: &str = "runnel_upstream_handshake_duration_seconds";
 pub const CONNECT_DURATION: &str = "runnel_upstream_connect_duration_seconds";
 pub const HANDSHAKES: &str = "runnel_upstream_handshakes_total";
+pub const RESUMPTION_RATIO: &str = "runnel_upstream_resumption_ratio";
+pub const UPSTREAM_WAIT: &str = "runnel_upstream_wait_seconds";
+pub const POOL_IDLE: &str = "runnel_pool_idle_connections";
+pub const POOL_TARGET: &str = "runnel_pool_target_connections";
+pub const POOL_CHECKOUTS: &str = "runnel_pool_checkouts_total";
+pub const POOL_DISCARDS: &str = "runnel_pool_discards_total";
 pub const ACCEPT_ERRORS: &str = "runnel_accept_errors_total";
 pub const CLIENT_CERT_NOT_AFTER: &str = "runnel_client_certificate_not_after_timestamp_seconds";
 pub const DRAINING: &str = "runnel_draining";
@@ -66,6 +78,42 @@ pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
         "counter",
         "kind, result",
         "upstream TLS handshakes: kind full/resumed/none, result ok/error",
+    ),
+    (
+        RESUMPTION_RATIO,
+        "gauge",
+        "",
+        "resumed / all successful upstream handshakes since start",
+    ),
+    (
+        UPSTREAM_WAIT,
+        "histogram",
+        "pool",
+        "from the first downstream byte to a ready upstream: pool hit or miss",
+    ),
+    (
+        POOL_IDLE,
+        "gauge",
+        "alpn",
+        "idle pre-handshaken upstream connections",
+    ),
+    (
+        POOL_TARGET,
+        "gauge",
+        "alpn",
+        "the size each pool is kept at now",
+    ),
+    (
+        POOL_CHECKOUTS,
+        "counter",
+        "alpn, result",
+        "pool checkouts: hit (pooled connection) or miss (dialled on the spot)",
+    ),
+    (
+        POOL_DISCARDS,
+        "counter",
+        "reason",
+        "pooled connections discarded: closed, unexpected_data, error, rejected, max_idle, drain, abandoned",
     ),
     (
         ACCEPT_ERRORS,
@@ -143,6 +191,10 @@ pub struct Handles {
     pub handshake_full: Histogram,
     pub handshake_resumed: Histogram,
     closed: Vec<(Outcome, Counter)>,
+    /// [alpn][hit, miss]
+    checkouts: Vec<[Counter; 2]>,
+    wait_hit: Histogram,
+    wait_miss: Histogram,
 }
 
 impl Handles {
@@ -156,6 +208,17 @@ impl Handles {
             connect: metrics::histogram!(CONNECT_DURATION),
             handshake_full: metrics::histogram!(HANDSHAKE_DURATION, "kind" => "full"),
             handshake_resumed: metrics::histogram!(HANDSHAKE_DURATION, "kind" => "resumed"),
+            checkouts: ALPN_LABELS
+                .iter()
+                .map(|a| {
+                    [
+                        metrics::counter!(POOL_CHECKOUTS, "alpn" => *a, "result" => "hit"),
+                        metrics::counter!(POOL_CHECKOUTS, "alpn" => *a, "result" => "miss"),
+                    ]
+                })
+                .collect(),
+            wait_hit: metrics::histogram!(UPSTREAM_WAIT, "pool" => "hit"),
+            wait_miss: metrics::histogram!(UPSTREAM_WAIT, "pool" => "miss"),
             closed: Outcome::ALL
                 .iter()
                 .map(|o| {
@@ -175,8 +238,44 @@ impl Handles {
     }
 }
 
-/// Counts one upstream handshake by kind and result.
+/// Counts one upstream handshake by kind and result, and updates the resumption ratio.
 pub fn handshake(kind: &'static str, ok: bool) {
+    static FULL: AtomicU64 = AtomicU64::new(0);
+    static RESUMED: AtomicU64 = AtomicU64::new(0);
     metrics::counter!(HANDSHAKES, "kind" => kind, "result" => if ok { "ok" } else { "error" })
         .increment(1);
+    if ok {
+        let counter = if kind == "resumed" { &RESUMED } else { &FULL };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let (full, resumed) = (
+            FULL.load(Ordering::Relaxed),
+            RESUMED.load(Ordering::Relaxed),
+        );
+        metrics::gauge!(RESUMPTION_RATIO).set(resumed as f64 / (full + resumed).max(1) as f64);
+    }
 }
+
+/// Counts a pool checkout.
+pub fn pool_checkout(alpn: &'static str, hit: bool) {
+    let h = Handles::get();
+    let i = ALPN_LABELS.iter().position(|a| *a == alpn).unwrap_or(0);
+    h.checkouts[i][usize::from(!hit)].increment(1);
+}
+
+/// Records how long a connection waited for its upstream.
+pub fn upstream_wait(hit: bool, waited: Duration) {
+    let h = Handles::get();
+    if hit { &h.wait_hit } else { &h.wait_miss }.record(waited);
+}
+
+pub fn pool_discard(reason: &'static str) {
+    metrics::counter!(POOL_DISCARDS, "reason" => reason).increment(1);
+}
+
+pub fn pool_gauges(alpn: &'static str, idle: usize, target: usize) {
+    metrics::gauge!(POOL_IDLE, "alpn" => alpn).set(idle as f64);
+    metrics::gauge!(POOL_TARGET, "alpn" => alpn).set(target as f64);
+}
+
+/// The values the `alpn` label takes.
+const ALPN_LABELS: [&str; 3] = ["http/1.1", "h2", "fixed"];

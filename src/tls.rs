@@ -4,12 +4,23 @@
 //! Invariant: configs are built once at start-up and share one session store, so
 //! resumption state survives across connections; nothing here runs per connection.
 
-use std::{path::PathBuf, sync::Arc, time::SystemTime};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::SystemTime,
+};
 
 use rustls::{
-    ClientConfig, RootCertStore,
-    client::{ClientSessionMemoryCache, Resumption},
+    ClientConfig, NamedGroup, RootCertStore,
+    client::{
+        ClientSessionMemoryCache, ClientSessionStore, Resumption, Tls12ClientSessionValue,
+        Tls13ClientSessionValue,
+    },
     crypto::{CryptoProvider, aws_lc_rs},
+    pki_types::ServerName,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     sign::{CertifiedKey, SingleCertAndKey},
 };
@@ -23,6 +34,8 @@ use crate::{
 const EXPIRY_WARNING_SECS: i64 = 7 * 24 * 3600;
 /// Sessions kept for resumption. One upstream name needs few; this bounds memory.
 const SESSION_CACHE_SIZE: usize = 256;
+/// TLS 1.3 tickets rustls's memory cache keeps per server name.
+const TICKETS_PER_SERVER: usize = 8;
 
 /// Where one piece of PEM comes from, with the variable that named it.
 #[derive(Debug, Clone)]
@@ -130,11 +143,12 @@ pub struct ClientConfigs {
     pub http1: Arc<ClientConfig>,
     /// What `RUNNEL_ALPN=none` or a fixed list offers.
     pub fixed: Arc<ClientConfig>,
+    pub tickets: Arc<TicketStore>,
 }
 
 impl ClientConfigs {
     pub fn new(config: &Config) -> Result<ClientConfigs, rustls::Error> {
-        let store = Arc::new(ClientSessionMemoryCache::new(SESSION_CACHE_SIZE));
+        let store = Arc::new(TicketStore::new());
         let fixed = match &config.alpn {
             AlpnPolicy::List(list) => list.clone(),
             AlpnPolicy::Auto | AlpnPolicy::None => Vec::new(),
@@ -144,13 +158,14 @@ impl ClientConfigs {
             h2: build(vec![b"h2".to_vec()])?,
             http1: build(vec![b"http/1.1".to_vec()])?,
             fixed: build(fixed)?,
+            tickets: store,
         })
     }
 }
 
 fn client_config(
     config: &Config,
-    store: Arc<ClientSessionMemoryCache>,
+    store: Arc<TicketStore>,
     alpn: Vec<Vec<u8>>,
 ) -> Result<ClientConfig, rustls::Error> {
     let versions: &[&rustls::SupportedProtocolVersion] = match config.min_version {
@@ -166,6 +181,72 @@ fn client_config(
     tls.alpn_protocols = alpn;
     tls.resumption = Resumption::store(store);
     Ok(tls)
+}
+
+/// rustls's session cache, counting the TLS 1.3 tickets it holds, so that the pool can
+/// pace its handshakes to the tickets available (each resumption spends one).
+#[derive(Debug)]
+pub struct TicketStore {
+    inner: ClientSessionMemoryCache,
+    tickets: AtomicUsize,
+}
+
+impl TicketStore {
+    fn new() -> TicketStore {
+        TicketStore {
+            inner: ClientSessionMemoryCache::new(SESSION_CACHE_SIZE),
+            tickets: AtomicUsize::new(0),
+        }
+    }
+
+    /// TLS 1.3 tickets held (runnel talks to one server name, so this is per server).
+    pub fn tickets(&self) -> usize {
+        self.tickets.load(Ordering::Relaxed)
+    }
+}
+
+impl ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
+        self.inner.set_kx_hint(server_name, group)
+    }
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
+        self.inner.kx_hint(server_name)
+    }
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: Tls12ClientSessionValue) {
+        self.inner.set_tls12_session(server_name, value)
+    }
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        self.inner.tls12_session(server_name)
+    }
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.inner.remove_tls12_session(server_name)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: Tls13ClientSessionValue,
+    ) {
+        let _ = self
+            .tickets
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some((n + 1).min(TICKETS_PER_SERVER))
+            });
+        self.inner.insert_tls13_ticket(server_name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<Tls13ClientSessionValue> {
+        let taken = self.inner.take_tls13_ticket(server_name);
+        if taken.is_some() {
+            let _ = self
+                .tickets
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+        }
+        taken
+    }
 }
 
 fn read(source: &Source) -> Result<(&'static str, String), ConfigError> {

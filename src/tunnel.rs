@@ -12,18 +12,18 @@ use tracing::{Instrument, field::Empty};
 
 use crate::{
     config::Config,
-    connect::Connector,
     copy::{self, Report},
     detect,
     error::Outcome,
-    metrics::Handles,
+    metrics::{self, Handles},
+    pool::Pools,
     socket,
 };
 
 /// What every connection shares.
 pub struct Shared {
     pub config: Arc<Config>,
-    pub connector: Connector,
+    pub pools: Arc<Pools>,
     /// Stop accepting; connections that have not sent a byte yet close.
     pub stop: CancellationToken,
     /// The drain deadline passed: reset whatever is still open.
@@ -39,6 +39,7 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, id: u64, shared: Arc<Shar
         upstream.addr = Empty,
         alpn = Empty,
         tls.resumed = Empty,
+        pool.hit = Empty,
     );
     let handles = Handles::get();
     handles.accepted.increment(1);
@@ -81,15 +82,19 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
             return ended(Outcome::DownstreamReset);
         }
     };
+    let waiting = Instant::now();
     let connected = tokio::select! {
-        c = shared.connector.connect(offer) => c,
+        c = shared.pools.checkout(offer) => c,
         _ = shared.abort.cancelled() => {
             socket::abort(&down);
             return ended(Outcome::DrainAborted);
         }
     };
     let connected = match connected {
-        Ok(c) => c,
+        Ok((c, hit)) => {
+            metrics::upstream_wait(hit, waiting.elapsed());
+            c
+        }
         Err(e) => {
             tracing::warn!(error = %e, upstream = %shared.config.upstream, "upstream connection failed; resetting the downstream");
             socket::abort(&down);
@@ -103,14 +108,19 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
     );
     span.record("alpn", connected.info.alpn.as_deref().unwrap_or("none"));
     span.record("tls.resumed", connected.info.resumed);
-    copy::run(
+    span.record("pool.hit", connected.info.pooled);
+    let report = copy::run(
         down,
         connected.stream,
         initial,
         shared.config.idle_timeout,
         &shared.abort,
     )
-    .await
+    .await;
+    if report.to_downstream > 0 {
+        shared.pools.mark_accepted();
+    }
+    report
 }
 
 /// Completes after the idle timeout, or never when it is off.

@@ -44,7 +44,7 @@ async fn upstream_half_close_still_lets_the_downstream_send() {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
         let received = gateway
-            .seen()
+            .data_conns()
             .first()
             .map(|s| s.received.clone())
             .unwrap_or_default();

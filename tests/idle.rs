@@ -47,11 +47,19 @@ async fn a_downstream_that_never_speaks_is_closed_after_the_idle_timeout() {
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let mut v = vars(&pki, gateway.addr);
     v.push(("RUNNEL_IDLE_TIMEOUT".into(), "300ms".into()));
+    v.push(("RUNNEL_POOL_MAX".into(), "0".into()));
+    v.push(("RUNNEL_POOL_MIN".into(), "0".into()));
     let runnel = Runnel::start(v).await;
+    runnel.wait_ready().await;
+    let before = *gateway.accepted.lock().unwrap();
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
         .await
         .unwrap();
     assert_eq!(end, Ok(Vec::new()));
-    assert_eq!(*gateway.accepted.lock().unwrap(), 0);
+    assert_eq!(
+        *gateway.accepted.lock().unwrap(),
+        before,
+        "an upstream connection was opened"
+    );
 }

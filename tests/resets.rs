@@ -61,7 +61,7 @@ async fn downstream_reset_resets_the_upstream() {
     stream.write_all(b"some bytes").await.unwrap();
     // Wait until the gateway has the bytes, then reset the downstream.
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while gateway.seen().first().map_or(0, |s| s.received.len()) < 10 {
+    while gateway.data_conns().first().map_or(0, |s| s.received.len()) < 10 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "bytes never reached the gateway"

@@ -43,15 +43,30 @@ pub struct Seen {
     pub resumed: bool,
     /// Plaintext application bytes received.
     pub received: Vec<u8>,
+    /// How the connection ended: Some(true) after the peer's close_notify, Some(false)
+    /// on an error (reset, truncation), None while open.
+    pub ended_clean: Option<bool>,
+}
+
+/// Something the test asks every idle connection (no bytes received yet) to do.
+#[derive(Clone, Copy, Debug)]
+pub enum Poke {
+    /// Send close_notify and FIN.
+    Close,
+    /// Send application bytes nobody asked for.
+    Garbage,
 }
 
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// The PKI the gateway's certificate came from, when started with `start_with_pki`.
+    pub pki: Option<Pki>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Every raw TCP byte the gateway read, TLS records included.
     pub raw: Arc<Mutex<Vec<u8>>>,
     /// Connections accepted at the TCP level.
     pub accepted: Arc<Mutex<usize>>,
+    pokes: tokio::sync::broadcast::Sender<Poke>,
     task: JoinHandle<()>,
 }
 
@@ -62,6 +77,14 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
+    /// A gateway presenting `pki`'s gateway certificate and trusting its CA.
+    pub async fn start_with_pki(pki: Pki, behaviour: Behaviour) -> Gateway {
+        let tls = pki.gateway_tls(&[b"h2", b"http/1.1"]).unwrap();
+        let mut gateway = Gateway::start(tls, behaviour).await;
+        gateway.pki = Some(pki);
+        gateway
+    }
+
     pub async fn start(tls: Arc<ServerConfig>, behaviour: Behaviour) -> Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -70,6 +93,8 @@ impl Gateway {
         let accepted = Arc::new(Mutex::new(0));
         let acceptor = TlsAcceptor::from(tls);
         let (s, r, a) = (seen.clone(), raw.clone(), accepted.clone());
+        let (pokes, _) = tokio::sync::broadcast::channel(16);
+        let p = pokes.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -78,26 +103,44 @@ impl Gateway {
                 *a.lock().unwrap() += 1;
                 let (acceptor, behaviour, s, r) =
                     (acceptor.clone(), behaviour.clone(), s.clone(), r.clone());
+                let pokes = p.subscribe();
                 tokio::spawn(async move {
                     let recording = Recording { inner: tcp, raw: r };
                     let Ok(tls) = acceptor.accept(recording).await else {
                         return;
                     };
-                    let _ = serve(tls, behaviour, s).await;
+                    let _ = serve(tls, behaviour, s, pokes).await;
                 });
             }
         });
         Gateway {
             addr,
+            pki: None,
             seen,
             raw,
             accepted,
+            pokes,
             task,
         }
     }
 
+    /// Every connection that completed a handshake, pooled ones included.
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Connections that carried application bytes (pooled connections that were never
+    /// used carry none).
+    pub fn data_conns(&self) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| !s.received.is_empty())
+            .collect()
+    }
+
+    /// Asks every connection that has not received a byte yet to `poke`.
+    pub fn poke_idle(&self, poke: Poke) {
+        let _ = self.pokes.send(poke);
     }
 
     pub fn raw_contains(&self, needle: &[u8]) -> bool {
@@ -110,9 +153,10 @@ impl Gateway {
 }
 
 async fn serve(
-    mut tls: TlsStream<Recording>,
+    tls: TlsStream<Recording>,
     behaviour: Behaviour,
     seen: Arc<Mutex<Vec<Seen>>>,
+    pokes: tokio::sync::broadcast::Receiver<Poke>,
 ) -> io::Result<()> {
     let index = {
         let (_, conn) = tls.get_ref();
@@ -122,9 +166,22 @@ async fn serve(
             sni: conn.server_name().map(str::to_owned),
             resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
             received: Vec::new(),
+            ended_clean: None,
         });
         all.len() - 1
     };
+    let result = behave(tls, behaviour, seen.clone(), index, pokes).await;
+    seen.lock().unwrap()[index].ended_clean = Some(result.is_ok());
+    result
+}
+
+async fn behave(
+    mut tls: TlsStream<Recording>,
+    behaviour: Behaviour,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    index: usize,
+    mut pokes: tokio::sync::broadcast::Receiver<Poke>,
+) -> io::Result<()> {
     let record = |bytes: &[u8]| {
         seen.lock().unwrap()[index]
             .received
@@ -133,10 +190,22 @@ async fn serve(
     let mut buf = vec![0u8; 64 * 1024];
     match behaviour {
         Behaviour::Echo => loop {
-            let n = tls.read(&mut buf).await?;
+            let idle = seen.lock().unwrap()[index].received.is_empty();
+            let n = tokio::select! {
+                n = tls.read(&mut buf) => n?,
+                poke = pokes.recv(), if idle => {
+                    match poke {
+                        Ok(Poke::Close) => tls.shutdown().await?,
+                        Ok(Poke::Garbage) => tls.write_all(b"unsolicited").await?,
+                        Err(_) => {}
+                    }
+                    continue;
+                }
+            };
             if n == 0 {
                 return tls.shutdown().await;
             }
+            record(&buf[..n]);
             tls.write_all(&buf[..n]).await?;
         },
         Behaviour::CountThenReply => {
@@ -282,6 +351,38 @@ impl Runnel {
     pub fn stop(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
+        }
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub async fn ready(&self) -> bool {
+        let mut s = TcpStream::connect(self.admin).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.starts_with("HTTP/1.1 200")
+    }
+
+    /// Polls `/readyz` until it answers 200 (the pool is warm or the gateway was reached).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let mut s = TcpStream::connect(self.admin).await.unwrap();
+            s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            if out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "runnel never became ready: {out}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

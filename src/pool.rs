@@ -1,0 +1,439 @@
+//! Pools of pre-handshaken upstream connections, one per ALPN offer.
+//!
+//! Every idle pooled connection has an owner task (`watch`) that keeps a read pending,
+//! so TLS 1.3 session tickets are stored as they arrive and a close, an alert or
+//! unexpected data retires the connection at once. Checkout asks an owner to hand its
+//! stream over; an owner that has retired cannot answer, so checkout never hands out a
+//! connection known to be dead. A filler task per pool keeps `idle + connecting` at a
+//! target that follows the rate of new connections, between `RUNNEL_POOL_MIN` and
+//! `RUNNEL_POOL_MAX`.
+//!
+//! Invariant: a connection enters the pool only after the gateway has shown that it
+//! accepted the client certificate (TLS 1.2: its Finished; TLS 1.3: a session ticket,
+//! or a quiet probation period with no alert).
+
+use std::{
+    future::poll_fn,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::Poll,
+    time::Duration,
+};
+
+use rustls::ProtocolVersion;
+use tokio::{
+    io::{AsyncRead, AsyncWriteExt, ReadBuf},
+    sync::{Notify, oneshot},
+    time::Instant,
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{AlpnPolicy, Config},
+    connect::{Connected, Connector, Offer},
+    error::ConnectError,
+    metrics,
+};
+
+/// Handshakes one pool may run at once: bounds the burst on the gateway and paces
+/// ticket use (rustls keeps a few TLS 1.3 tickets per server; each resumption takes one,
+/// and new ones arrive only after a handshake completes).
+const MAX_CONCURRENT_HANDSHAKES: usize = 4;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a pool re-estimates its target size.
+const ADAPT_EVERY: Duration = Duration::from_secs(1);
+/// Under TLS 1.3 without a session ticket, how long (in handshake times) a new
+/// connection must stay quiet before it is trusted; a rejected certificate draws an
+/// alert about one round trip after our Finished.
+const PROBATION_HANDSHAKES: u32 = 3;
+const PROBATION_MIN: Duration = Duration::from_millis(20);
+const PROBATION_MAX: Duration = Duration::from_secs(2);
+
+/// Why a pooled connection was discarded (metric label).
+#[derive(Debug, Clone, Copy)]
+pub enum Discard {
+    Closed,
+    UnexpectedData,
+    Error,
+    Rejected,
+    MaxIdle,
+    Drain,
+    /// The checkout that asked for it had gone by the time it was handed over.
+    Abandoned,
+}
+
+impl Discard {
+    pub const ALL: [Discard; 7] = [
+        Discard::Closed,
+        Discard::UnexpectedData,
+        Discard::Error,
+        Discard::Rejected,
+        Discard::MaxIdle,
+        Discard::Drain,
+        Discard::Abandoned,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Discard::Closed => "closed",
+            Discard::UnexpectedData => "unexpected_data",
+            Discard::Error => "error",
+            Discard::Rejected => "rejected",
+            Discard::MaxIdle => "max_idle",
+            Discard::Drain => "drain",
+            Discard::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// All pools, keyed by ALPN offer.
+pub struct Pools {
+    connector: Arc<Connector>,
+    pools: Vec<Arc<Pool>>,
+    min: usize,
+    max: usize,
+    max_idle: Duration,
+    stop: CancellationToken,
+    warmed: Notify,
+}
+
+struct Pool {
+    offer: Offer,
+    idle: Mutex<Vec<oneshot::Sender<oneshot::Sender<Connected>>>>,
+    idle_count: AtomicUsize,
+    connecting: AtomicUsize,
+    target: AtomicUsize,
+    checkouts: AtomicU64,
+    /// Recent connect + handshake time, in microseconds (EWMA).
+    dial_micros: AtomicU64,
+    wake: Notify,
+}
+
+impl Pools {
+    pub fn new(connector: Arc<Connector>, config: &Config, stop: CancellationToken) -> Arc<Pools> {
+        let offers: &[Offer] = match config.alpn {
+            AlpnPolicy::Auto => &[Offer::Http1, Offer::H2],
+            AlpnPolicy::None | AlpnPolicy::List(_) => &[Offer::Fixed],
+        };
+        let pools = offers
+            .iter()
+            .map(|&offer| {
+                Arc::new(Pool {
+                    offer,
+                    idle: Mutex::new(Vec::new()),
+                    idle_count: AtomicUsize::new(0),
+                    connecting: AtomicUsize::new(0),
+                    target: AtomicUsize::new(config.pool.min),
+                    checkouts: AtomicU64::new(0),
+                    dial_micros: AtomicU64::new(0),
+                    wake: Notify::new(),
+                })
+            })
+            .collect();
+        Arc::new(Pools {
+            connector,
+            pools,
+            min: config.pool.min,
+            max: config.pool.max,
+            max_idle: config.pool.max_idle,
+            stop,
+            warmed: Notify::new(),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    /// Starts one filler per pool.
+    pub fn start(self: &Arc<Self>, tracker: &TaskTracker) {
+        if !self.enabled() {
+            return;
+        }
+        for pool in &self.pools {
+            tracker.spawn(fill(self.clone(), pool.clone(), tracker.clone()));
+        }
+    }
+
+    /// Waits until every pool holds `RUNNEL_POOL_MIN` connections, or `deadline`.
+    pub async fn warm(&self, deadline: Instant) -> bool {
+        loop {
+            let notified = self.warmed.notified();
+            if self
+                .pools
+                .iter()
+                .all(|p| p.idle_count.load(Ordering::Relaxed) >= self.min)
+            {
+                return true;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = self.stop.cancelled() => return false,
+            }
+        }
+    }
+
+    /// Notes that the gateway answered on a connection (readiness).
+    pub fn mark_accepted(&self) {
+        self.connector.mark_accepted();
+    }
+
+    /// Idle pooled connections, all pools together.
+    pub fn idle(&self) -> usize {
+        self.pools
+            .iter()
+            .map(|p| p.idle_count.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// A live pooled connection for `offer`, or a new one made on the spot.
+    pub async fn checkout(&self, offer: Offer) -> Result<(Connected, bool), ConnectError> {
+        let Some(pool) = self
+            .pools
+            .iter()
+            .find(|p| p.offer == offer)
+            .filter(|_| self.enabled())
+        else {
+            return self.connector.connect(offer).await.map(|c| (c, false));
+        };
+        pool.checkouts.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let owner = pool.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            let Some(owner) = owner else { break };
+            let (reply, handed) = oneshot::channel();
+            if owner.send(reply).is_err() {
+                continue; // that owner retired its connection
+            }
+            if let Ok(connected) = handed.await {
+                metrics::pool_checkout(offer.label(), true);
+                pool.wake.notify_one(); // refill one for one
+                return Ok((connected, true));
+            }
+        }
+        metrics::pool_checkout(offer.label(), false);
+        pool.wake.notify_one();
+        self.connector.connect(offer).await.map(|c| (c, false))
+    }
+}
+
+/// Keeps one pool at its target: dials, admits, hands each connection to an owner.
+async fn fill(pools: Arc<Pools>, pool: Arc<Pool>, tracker: TaskTracker) {
+    let mut backoff = BACKOFF_MIN;
+    let mut retry_at = Instant::now();
+    let mut next_adapt = Instant::now() + ADAPT_EVERY;
+    let failures = Arc::new(AtomicU64::new(0));
+    let mut failures_seen = 0;
+    let mut rate = 0.0f64;
+    loop {
+        if Instant::now() >= next_adapt {
+            rate = adapt(&pools, &pool, rate);
+            next_adapt = Instant::now() + ADAPT_EVERY;
+        }
+        let failed = failures.load(Ordering::Relaxed);
+        if failed > failures_seen {
+            failures_seen = failed;
+            retry_at = Instant::now() + backoff;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else if pool.idle_count.load(Ordering::Relaxed) > 0 {
+            backoff = BACKOFF_MIN;
+        }
+        while Instant::now() >= retry_at
+            && pool.idle_count.load(Ordering::Relaxed) + pool.connecting.load(Ordering::Relaxed)
+                < pool.target.load(Ordering::Relaxed)
+            && pool.connecting.load(Ordering::Relaxed) < concurrency(&pools)
+        {
+            pool.connecting.fetch_add(1, Ordering::Relaxed);
+            let (pools, pool, failures, owners) = (
+                pools.clone(),
+                pool.clone(),
+                failures.clone(),
+                tracker.clone(),
+            );
+            tracker.spawn(async move {
+                if !dial(&pools, &pool, &owners).await {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                pool.connecting.fetch_sub(1, Ordering::Relaxed);
+                pool.wake.notify_one();
+            });
+        }
+        metrics::pool_gauges(
+            pool.offer.label(),
+            pool.idle_count.load(Ordering::Relaxed),
+            pool.target.load(Ordering::Relaxed),
+        );
+        let wake_at = if Instant::now() < retry_at {
+            retry_at.min(next_adapt)
+        } else {
+            next_adapt
+        };
+        tokio::select! {
+            _ = pools.stop.cancelled() => return,
+            _ = pool.wake.notified() => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+    }
+}
+
+/// As many handshakes at once as there are session tickets to resume them with (each
+/// resumption spends one; new ones arrive only after a handshake), at least one.
+fn concurrency(pools: &Pools) -> usize {
+    pools
+        .connector
+        .tickets()
+        .clamp(1, MAX_CONCURRENT_HANDSHAKES)
+}
+
+/// Re-estimates the target: enough connections to cover the checkouts expected during
+/// one refill (rate x dial time), doubled for bursts, plus the minimum.
+fn adapt(pools: &Pools, pool: &Pool, rate: f64) -> f64 {
+    let count = pool.checkouts.swap(0, Ordering::Relaxed) as f64 / ADAPT_EVERY.as_secs_f64();
+    let rate = if rate == 0.0 {
+        count
+    } else {
+        0.7 * rate + 0.3 * count
+    };
+    let dial = Duration::from_micros(pool.dial_micros.load(Ordering::Relaxed))
+        .as_secs_f64()
+        .max(0.001);
+    let wanted = pools.min + (2.0 * rate * dial).ceil() as usize;
+    pool.target
+        .store(wanted.clamp(pools.min, pools.max), Ordering::Relaxed);
+    rate
+}
+
+/// Dials one connection, admits it, and hands it to an owner task. False on failure.
+async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bool {
+    let started = Instant::now();
+    let connected = tokio::select! {
+        c = pools.connector.connect(pool.offer) => c,
+        _ = pools.stop.cancelled() => return true,
+    };
+    let mut connected = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(alpn = pool.offer.label(), error = %e, "pool: upstream connection failed; backing off");
+            return false;
+        }
+    };
+    let elapsed = started.elapsed().as_micros() as u64;
+    let old = pool.dial_micros.load(Ordering::Relaxed);
+    pool.dial_micros.store(
+        if old == 0 {
+            elapsed
+        } else {
+            (old * 7 + elapsed * 3) / 10
+        },
+        Ordering::Relaxed,
+    );
+    if let Err(reason) = admit(&mut connected).await {
+        metrics::pool_discard(reason.label());
+        tracing::warn!(
+            alpn = pool.offer.label(),
+            reason = reason.label(),
+            "pool: the gateway refused a new connection after the handshake (client certificate rejected?)"
+        );
+        return false;
+    }
+    pools.connector.mark_accepted();
+    let (take, taken) = oneshot::channel();
+    pool.idle_count.fetch_add(1, Ordering::Relaxed);
+    pool.idle
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(take);
+    pools.warmed.notify_waiters();
+    let (pools, pool) = (pools.clone(), pool.clone());
+    tracker.spawn(async move { watch(pools, pool, connected, taken).await });
+    true
+}
+
+/// Waits until the gateway has shown it accepted our certificate. Also stores the
+/// session tickets that arrive meanwhile.
+pub async fn admit(connected: &mut Connected) -> Result<(), Discard> {
+    let tls13 = connected.stream.get_ref().1.protocol_version() == Some(ProtocolVersion::TLSv1_3);
+    if !tls13 {
+        // TLS 1.2: the gateway's Finished came after it verified our certificate.
+        return Ok(());
+    }
+    let probation =
+        (connected.info.handshake_time * PROBATION_HANDSHAKES).clamp(PROBATION_MIN, PROBATION_MAX);
+    let deadline = tokio::time::sleep(probation);
+    tokio::pin!(deadline);
+    let mut byte = [0u8; 1];
+    poll_fn(|cx| {
+        let mut buf = ReadBuf::new(&mut byte);
+        match Pin::new(&mut connected.stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                return Poll::Ready(Err(Discard::Closed));
+            }
+            Poll::Ready(Ok(())) => return Poll::Ready(Err(Discard::UnexpectedData)),
+            Poll::Ready(Err(_)) => return Poll::Ready(Err(Discard::Rejected)),
+            Poll::Pending => {}
+        }
+        if connected.stream.get_ref().1.tls13_tickets_received() > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        deadline.as_mut().poll(cx).map(Ok)
+    })
+    .await
+}
+
+enum Event {
+    Take(Result<oneshot::Sender<Connected>, oneshot::error::RecvError>),
+    Read(std::io::Result<usize>),
+    MaxIdle,
+    Drain,
+}
+
+/// Owns one idle pooled connection until it is taken or retired.
+async fn watch(
+    pools: Arc<Pools>,
+    pool: Arc<Pool>,
+    mut connected: Connected,
+    mut taken: oneshot::Receiver<oneshot::Sender<Connected>>,
+) {
+    // Jitter spreads retirements, so connections made together are not replaced together.
+    let jitter = 0.9 + 0.2 * (connected.info.addr.port() as f64 % 97.0) / 97.0;
+    let retire_at = Instant::now() + pools.max_idle.mul_f64(jitter);
+    let mut byte = [0u8; 1];
+    let event = tokio::select! {
+        t = &mut taken => Event::Take(t),
+        r = tokio::io::AsyncReadExt::read(&mut connected.stream, &mut byte) => Event::Read(r),
+        _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
+        _ = pools.stop.cancelled() => Event::Drain,
+    };
+    pool.idle_count.fetch_sub(1, Ordering::Relaxed);
+    pool.wake.notify_one();
+    let reason = match event {
+        Event::Take(Ok(reply)) => {
+            connected.info.pooled = true;
+            match reply.send(connected) {
+                Ok(()) => return,
+                // The checkout gave up (its downstream went away): close this one.
+                Err(c) => {
+                    connected = c;
+                    Discard::Abandoned
+                }
+            }
+        }
+        Event::Take(Err(_)) | Event::Drain => Discard::Drain,
+        Event::MaxIdle => Discard::MaxIdle,
+        Event::Read(Ok(0)) => Discard::Closed,
+        Event::Read(Ok(_)) => Discard::UnexpectedData,
+        Event::Read(Err(_)) => Discard::Error,
+    };
+    metrics::pool_discard(reason.label());
+    if matches!(
+        reason,
+        Discard::MaxIdle | Discard::Drain | Discard::Abandoned
+    ) {
+        // A clean goodbye: close_notify, then FIN.
+        let _ = tokio::time::timeout(Duration::from_secs(1), connected.stream.shutdown()).await;
+    }
+}

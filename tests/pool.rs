@@ -1,0 +1,157 @@
+//! The pool of pre-handshaken upstream connections.
+
+mod support;
+
+use std::time::Duration;
+
+use support::gateway::{Behaviour, DEADLINE, Gateway, Poke, Runnel, pki, read_to_end, vars};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+/// Polls `check` until it holds, with the suite's deadline.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn echo_once(runnel: &Runnel, bytes: &[u8]) {
+    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let got = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, bytes);
+}
+
+async fn pooled(gateway: &Gateway, min: usize) -> Runnel {
+    let pki_vars = vars(gateway.pki.as_ref().unwrap(), gateway.addr);
+    let mut v = pki_vars;
+    v.push(("RUNNEL_POOL_MIN".into(), min.to_string()));
+    v.push(("RUNNEL_ALPN".into(), "none".into()));
+    Runnel::start(v).await
+}
+
+#[tokio::test]
+async fn pool_warms_to_its_minimum_before_ready() {
+    let gateway = Gateway::start_with_pki(pki(), Behaviour::Echo).await;
+    let runnel = pooled(&gateway, 3).await;
+    runnel.wait_ready().await;
+    eventually("3 pooled connections", || gateway.seen().len() == 3).await;
+    let metrics = runnel.metrics().await;
+    assert!(
+        metrics.contains("runnel_pool_idle_connections{alpn=\"fixed\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn checkout_uses_a_pooled_connection_without_a_new_handshake() {
+    let gateway = Gateway::start_with_pki(pki(), Behaviour::Echo).await;
+    let runnel = pooled(&gateway, 2).await;
+    eventually("2 pooled connections", || gateway.seen().len() == 2).await;
+    echo_once(&runnel, b"through the pool").await;
+    let seen = gateway.seen();
+    let used = seen.iter().position(|s| !s.received.is_empty()).unwrap();
+    assert!(
+        used < 2,
+        "the bytes went over connection {used}, made after the request"
+    );
+    // Refilled one for one.
+    eventually("refill", || gateway.seen().len() == 3).await;
+}
+
+#[tokio::test]
+async fn second_and_later_pooled_connections_resume() {
+    let gateway = Gateway::start_with_pki(pki(), Behaviour::Echo).await;
+    let runnel = pooled(&gateway, 4).await;
+    eventually("4 pooled connections", || gateway.seen().len() == 4).await;
+    let resumed: Vec<bool> = gateway.seen().iter().map(|s| s.resumed).collect();
+    assert_eq!(resumed, [false, true, true, true]);
+    drop(runnel);
+}
+
+#[tokio::test]
+async fn pooled_connection_closed_by_the_gateway_is_never_handed_out_and_is_replaced() {
+    for poke in [Poke::Close, Poke::Garbage] {
+        let gateway = Gateway::start_with_pki(pki(), Behaviour::Echo).await;
+        let runnel = pooled(&gateway, 2).await;
+        eventually("2 pooled connections", || gateway.seen().len() == 2).await;
+        runnel.wait_ready().await;
+        gateway.poke_idle(poke);
+        // Both are retired and replaced by fresh ones.
+        eventually("replacements", || gateway.seen().len() >= 4).await;
+        let metrics = runnel.metrics().await;
+        let reason = match poke {
+            Poke::Close => "closed",
+            Poke::Garbage => "unexpected_data",
+        };
+        assert!(
+            metrics.contains(&format!(
+                "runnel_pool_discards_total{{reason=\"{reason}\"}} 2"
+            )),
+            "{poke:?}:\n{metrics}"
+        );
+        echo_once(&runnel, b"still fine").await;
+        let seen = gateway.seen();
+        let used = seen.iter().position(|s| !s.received.is_empty()).unwrap();
+        assert!(used >= 2, "{poke:?}: a poked connection was handed out");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_that_rejects_the_client_certificate_gets_nothing_admitted() {
+    // The gateway trusts another CA for client certificates: under TLS 1.3 runnel's
+    // handshake completes, then the gateway's alert arrives.
+    let ours = pki();
+    let theirs = pki();
+    let tls = runnel::demo::gateway_tls(&theirs.ca_cert_pem, &ours.gateway, &[]).unwrap();
+    let gateway = Gateway::start(tls, Behaviour::Echo).await;
+    let mut v = vars(&ours, gateway.addr);
+    v.push(("RUNNEL_ALPN".into(), "none".into()));
+    let runnel = Runnel::start(v).await;
+    let mut metrics = String::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let rejected = |m: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("runnel_pool_discards_total{reason=\"rejected\"} "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    while rejected(&metrics) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no rejections counted:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = runnel.metrics().await;
+    }
+    assert!(
+        metrics.contains("runnel_pool_idle_connections{alpn=\"fixed\"} 0"),
+        "{metrics}"
+    );
+    let ready = runnel.ready().await;
+    assert!(
+        !ready,
+        "ready although every connection is rejected:\n{}",
+        runnel.metrics().await
+    );
+}
+
+#[tokio::test]
+async fn drain_closes_idle_pooled_connections_with_close_notify() {
+    let gateway = Gateway::start_with_pki(pki(), Behaviour::Echo).await;
+    let mut runnel = pooled(&gateway, 3).await;
+    eventually("3 pooled connections", || gateway.seen().len() == 3).await;
+    runnel.stop();
+    eventually("all closed with close_notify", || {
+        gateway.seen().iter().all(|s| s.ended_clean == Some(true))
+    })
+    .await;
+}
