@@ -32,15 +32,21 @@ pub struct Health {
     pub draining: AtomicBool,
     connector: Arc<Connector>,
     pools: Arc<Pools>,
+    cert_min_validity: Duration,
 }
 
 impl Health {
-    pub fn new(connector: Arc<Connector>, pools: Arc<Pools>) -> Health {
+    pub fn new(
+        connector: Arc<Connector>,
+        pools: Arc<Pools>,
+        cert_min_validity: Duration,
+    ) -> Health {
         Health {
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             connector,
             pools,
+            cert_min_validity,
         }
     }
 
@@ -48,6 +54,8 @@ impl Health {
         self.listening.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
             && (self.pools.idle() > 0 || self.connector.succeeded_within(RECENT_HANDSHAKE))
+            && self.connector.cert_not_after() - crate::tls::unix_now()
+                > self.cert_min_validity.as_secs() as i64
     }
 }
 

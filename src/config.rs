@@ -136,6 +136,21 @@ pub const VARS: &[Var] = &[
         help: "json (Cloud Logging) or text",
     },
     Var {
+        name: "RUNNEL_ACCESS_LOG",
+        default: "off",
+        help: "on: one JSON line per closed connection",
+    },
+    Var {
+        name: "RUNNEL_TLS_RELOAD_INTERVAL",
+        default: "30s",
+        help: "how often CA, certificate and key files are checked for changes (SIGHUP: now); 0 = never",
+    },
+    Var {
+        name: "RUNNEL_CERT_MIN_VALIDITY",
+        default: "24h",
+        help: "/readyz fails when the client certificate expires within this",
+    },
+    Var {
         name: "RUNNEL_WORKERS",
         default: "CPUs available (cgroup aware)",
         help: "runtime worker threads",
@@ -149,6 +164,12 @@ pub struct Config {
     pub upstream: Upstream,
     pub server_name: ServerName<'static>,
     pub tls: tls::Material,
+    /// Where the material came from, for reloads.
+    pub tls_sources: tls::Sources,
+    /// `None` when reloading is off.
+    pub tls_reload_interval: Option<Duration>,
+    pub cert_min_validity: Duration,
+    pub access_log: bool,
     pub min_version: TlsMinVersion,
     pub alpn: AlpnPolicy,
     pub connect_timeout: Duration,
@@ -265,7 +286,23 @@ impl Config {
             })?,
             None => default_server_name(&upstream)?,
         };
-        let tls = tls::Material::load(&env.tls_sources()?, &mut warnings)?;
+        let tls_sources = env.tls_sources()?;
+        let tls = tls::Material::load(&tls_sources, &mut warnings)?;
+        let reload = env.parse_or(
+            "RUNNEL_TLS_RELOAD_INTERVAL",
+            Duration::from_secs(30),
+            parse_duration,
+        )?;
+        let cert_min_validity = env.parse_or(
+            "RUNNEL_CERT_MIN_VALIDITY",
+            Duration::from_secs(86_400),
+            parse_duration,
+        )?;
+        let access_log = env.parse_or("RUNNEL_ACCESS_LOG", false, |s| match s {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err("must be on or off".into()),
+        })?;
         let min_version = env.parse_or(
             "RUNNEL_TLS_MIN_VERSION",
             TlsMinVersion::Tls12,
@@ -345,6 +382,10 @@ impl Config {
             log_filter,
             log_format,
             workers,
+            tls_sources,
+            tls_reload_interval: (!reload.is_zero()).then_some(reload),
+            cert_min_validity,
+            access_log,
         };
         Ok((config, warnings))
     }

@@ -7,8 +7,8 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
+        atomic::{AtomicI64, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -67,11 +67,20 @@ pub struct HandshakeInfo {
     pub kx_group: String,
     /// Taken from the pool rather than dialled for this connection.
     pub pooled: bool,
+    /// The TLS material generation this connection was made with.
+    pub generation: u64,
 }
 
 /// Everything needed to open upstream connections; shared by all connections.
 pub struct Connector {
-    configs: ClientConfigs,
+    /// Replaced whole on a TLS reload; each connection takes the current one.
+    configs: RwLock<Arc<ClientConfigs>>,
+    /// Counts reloads; pooled connections remember the generation they were made with.
+    generation: AtomicU64,
+    /// The current client certificate's notAfter, Unix seconds.
+    cert_not_after: AtomicI64,
+    /// Announces reloads (the new generation) to pooled connections.
+    reloaded: tokio::sync::watch::Sender<u64>,
     server_name: ServerName<'static>,
     timeout: Duration,
     resolver: Resolver,
@@ -85,7 +94,10 @@ pub struct Connector {
 impl Connector {
     pub fn new(config: &Config) -> Result<Connector, rustls::Error> {
         Ok(Connector {
-            configs: ClientConfigs::new(config)?,
+            configs: RwLock::new(Arc::new(ClientConfigs::new(config, &config.tls)?)),
+            generation: AtomicU64::new(0),
+            cert_not_after: AtomicI64::new(config.tls.cert_not_after),
+            reloaded: tokio::sync::watch::Sender::new(0),
             server_name: config.server_name.clone(),
             timeout: config.connect_timeout,
             resolver: Resolver::new(config.upstream.clone()),
@@ -110,10 +122,12 @@ impl Connector {
         metrics::Handles::get().connect.record(connect_time);
         socket::upstream(&tcp);
 
+        let configs = self.current();
+        let generation = self.generation();
         let tls = match offer {
-            Offer::H2 => &self.configs.h2,
-            Offer::Http1 => &self.configs.http1,
-            Offer::Fixed => &self.configs.fixed,
+            Offer::H2 => &configs.h2,
+            Offer::Http1 => &configs.http1,
+            Offer::Fixed => &configs.fixed,
         };
         let handshake_started = Instant::now();
         let stream = match TlsConnector::from(tls.clone())
@@ -127,7 +141,8 @@ impl Connector {
             }
         };
         let handshake_time = handshake_started.elapsed();
-        let info = handshake_info(&stream, addr, connect_time, handshake_time);
+        let mut info = handshake_info(&stream, addr, connect_time, handshake_time);
+        info.generation = generation;
         check_alpn(tls, info.alpn.as_deref())?;
         let kind = if info.resumed { "resumed" } else { "full" };
         metrics::handshake(kind, true);
@@ -203,6 +218,47 @@ impl Connector {
         self.resolver.addrs_mut()
     }
 
+    fn current(&self) -> Arc<ClientConfigs> {
+        match self.configs.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in configs built from new material, for new connections only. A new
+    /// session store comes with them: a resumed session would carry the old identity.
+    pub fn reload(
+        &self,
+        config: &Config,
+        material: &crate::tls::Material,
+    ) -> Result<(), rustls::Error> {
+        let configs = Arc::new(ClientConfigs::new(config, material)?);
+        match self.configs.write() {
+            Ok(mut c) => *c = configs,
+            Err(p) => *p.into_inner() = configs,
+        }
+        self.cert_not_after
+            .store(material.cert_not_after, Ordering::Relaxed);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.reloaded.send_replace(generation);
+        Ok(())
+    }
+
+    /// Reload announcements, for connections that outlive their identity.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloaded.subscribe()
+    }
+
+    /// The TLS material generation (0 at start, +1 per reload).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The current client certificate's notAfter, Unix seconds.
+    pub fn cert_not_after(&self) -> i64 {
+        self.cert_not_after.load(Ordering::Relaxed)
+    }
+
     /// Notes that the gateway accepted a connection (it sent a ticket or data after the
     /// handshake, or passed the pool's probation): the readiness signal.
     pub fn mark_accepted(&self) {
@@ -214,7 +270,7 @@ impl Connector {
 
     /// TLS 1.3 session tickets held for resumption.
     pub fn tickets(&self) -> usize {
-        self.configs.tickets.tickets()
+        self.current().tickets.tickets()
     }
 
     /// Whether the gateway accepted a connection within `window`.
@@ -269,6 +325,7 @@ fn handshake_info(
             .negotiated_key_exchange_group()
             .map_or_else(String::new, |g| format!("{:?}", g.name())),
         pooled: false,
+        generation: 0,
     }
 }
 

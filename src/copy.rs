@@ -59,6 +59,24 @@ pub struct Report {
     pub to_downstream: u64,
     /// The side whose EOF (or error) came first, if any.
     pub closed_first: Option<Side>,
+    /// When the first byte was written upstream.
+    pub first_upstream_write: Option<tokio::time::Instant>,
+    /// The `runnel_upstream_errors_total` kind, when the upstream failed.
+    pub upstream_error: Option<&'static str>,
+}
+
+impl Report {
+    /// A connection that ended before any byte was copied.
+    pub fn ended(outcome: Outcome) -> Report {
+        Report {
+            outcome,
+            to_upstream: 0,
+            to_downstream: 0,
+            closed_first: None,
+            first_upstream_write: None,
+            upstream_error: None,
+        }
+    }
 }
 
 /// Copies both ways until both directions end, an error, the idle timeout or `abort`.
@@ -75,6 +93,7 @@ pub async fn run(
     let handles = Handles::get();
     let mut to_up = Half::new(initial);
     let mut to_down = Half::new(Vec::new());
+    let mut upstream_error = None;
     let mut closed_first = None;
     let mut last_activity = Instant::now();
     let idle_sleep = idle.map(|d| tokio::time::sleep(d));
@@ -118,6 +137,9 @@ pub async fn run(
                 }
                 Poll::Ready(Err(e)) => {
                     closed_first.get_or_insert(Side::Upstream);
+                    if let HalfError::Read(io) = &e {
+                        upstream_error = Some(crate::error::tls_error_kind(io));
+                    }
                     return Poll::Ready(e.outcome(Side::Upstream));
                 }
                 Poll::Pending => {}
@@ -138,6 +160,8 @@ pub async fn run(
         to_upstream: to_up.bytes,
         to_downstream: to_down.bytes,
         closed_first,
+        first_upstream_write: to_up.first_write,
+        upstream_error: upstream_error.filter(|_| outcome == Outcome::UpstreamTlsError),
     };
     match outcome {
         Outcome::Clean => {}
@@ -216,6 +240,7 @@ struct Half {
     need_flush: bool,
     done: bool,
     bytes: u64,
+    first_write: Option<tokio::time::Instant>,
 }
 
 impl Half {
@@ -231,6 +256,7 @@ impl Half {
             need_flush: false,
             done: false,
             bytes: 0,
+            first_write: None,
         }
     }
 
@@ -256,6 +282,8 @@ impl Half {
                     }
                     self.start += n;
                     self.bytes += n as u64;
+                    self.first_write
+                        .get_or_insert_with(tokio::time::Instant::now);
                     counter.increment(n as u64);
                     self.need_flush = true;
                     *active = true;

@@ -39,7 +39,30 @@ pub enum ConnectError {
     AlpnMismatch(String),
 }
 
+/// Every value of the `kind` label of `runnel_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 8] = [
+    "dns",
+    "connect",
+    "timeout",
+    "tls_alert_from_gateway",
+    "certificate_rejected",
+    "certificate_untrusted",
+    "alpn_mismatch",
+    "handshake",
+];
+
 impl ConnectError {
+    /// The `kind` label of `runnel_upstream_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Dns(_) => "dns",
+            Self::Tcp(_) => "connect",
+            Self::Timeout => "timeout",
+            Self::Handshake(e) => tls_error_kind(e),
+            Self::AlpnMismatch(_) => "alpn_mismatch",
+        }
+    }
+
     /// The outcome a downstream connection gets when its upstream fails this way.
     pub fn outcome(&self) -> Outcome {
         match self {
@@ -48,6 +71,30 @@ impl ConnectError {
             Self::Handshake(_) => Outcome::HandshakeFailed,
             Self::AlpnMismatch(_) => Outcome::AlpnMismatch,
         }
+    }
+}
+
+/// Classifies a TLS failure reported through `io::Error` (tokio-rustls wraps the
+/// `rustls::Error`): whose fault, in words an operator can act on.
+pub fn tls_error_kind(e: &io::Error) -> &'static str {
+    use rustls::{AlertDescription as A, Error as E};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::AlertReceived(
+            A::BadCertificate
+            | A::CertificateRequired
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied
+            | A::UnsupportedCertificate,
+        )) => "certificate_rejected",
+        Some(E::AlertReceived(A::NoApplicationProtocol)) | Some(E::NoApplicationProtocol) => {
+            "alpn_mismatch"
+        }
+        Some(E::AlertReceived(_)) => "tls_alert_from_gateway",
+        Some(E::InvalidCertificate(_)) => "certificate_untrusted",
+        _ => "handshake",
     }
 }
 

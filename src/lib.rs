@@ -35,6 +35,7 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod reload;
 pub mod server;
 pub mod socket;
 pub mod tls;
@@ -112,10 +113,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), rustls::Error> {
     let prometheus = metrics::install();
-    ::metrics::gauge!(metrics::CLIENT_CERT_NOT_AFTER).set(config.tls.cert_not_after as f64);
+    metrics::tls_loaded(&config.tls, false);
     // Exported from the start, so dashboards and alerts see 0 rather than nothing.
     ::metrics::gauge!(metrics::DRAINING).set(0.0);
     ::metrics::counter!(metrics::ACCEPT_ERRORS).increment(0);
+    for kind in error::UPSTREAM_ERROR_KINDS {
+        ::metrics::counter!(metrics::UPSTREAM_ERRORS, "kind" => kind).increment(0);
+    }
     for reason in pool::Discard::ALL {
         ::metrics::counter!(metrics::POOL_DISCARDS, "reason" => reason.label()).increment(0);
     }
@@ -130,7 +134,11 @@ pub async fn run(
         abort: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
-    let health = Arc::new(Health::new(connector.clone(), pools.clone()));
+    let health = Arc::new(Health::new(
+        connector.clone(),
+        pools.clone(),
+        config.cert_min_validity,
+    ));
     let admin_stop = CancellationToken::new();
 
     tracker.spawn({
@@ -138,6 +146,11 @@ pub async fn run(
         async move { connector.refresh_dns(stop).await }
     });
     pools.start(&tracker);
+    tracker.spawn(reload::watch(
+        config.clone(),
+        connector.clone(),
+        stop.clone(),
+    ));
     tracker.spawn(warm_up(
         pools.clone(),
         connector.clone(),

@@ -19,8 +19,14 @@ use tracing_subscriber::{
 use crate::{config::LogFormat, tls};
 
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing).
-pub fn init(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(filter: &str, format: LogFormat, access_log: bool) {
+    let mut filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    if access_log {
+        // The access log is on whatever RUNNEL_LOG says about the rest.
+        if let Ok(directive) = format!("{}=info", crate::tunnel::ACCESS_LOG_TARGET).parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logging::init(&config.log_filter, config.log_format);
+    logging::init(&config.log_filter, config.log_format, config.access_log);
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -114,7 +114,7 @@ fn demo_main(listen: SocketAddr, metrics: &str) -> ExitCode {
             }
         },
     };
-    logging::init("info", config::LogFormat::Text);
+    logging::init("info", config::LogFormat::Text, false);
     let result = runtime(2).map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(demo::run(
             demo::DemoOptions { listen, metrics },

@@ -31,12 +31,54 @@ pub const POOL_TARGET: &str = "runnel_pool_target_connections";
 pub const POOL_CHECKOUTS: &str = "runnel_pool_checkouts_total";
 pub const POOL_DISCARDS: &str = "runnel_pool_discards_total";
 pub const ACCEPT_ERRORS: &str = "runnel_accept_errors_total";
+pub const CONNECTION_DURATION: &str = "runnel_connection_duration_seconds";
+pub const FIRST_BYTE: &str = "runnel_first_byte_seconds";
+pub const UPSTREAM_ERRORS: &str = "runnel_upstream_errors_total";
+pub const CA_NOT_AFTER: &str = "runnel_ca_not_after_timestamp_seconds";
+pub const TLS_RELOADS: &str = "runnel_tls_reloads_total";
+pub const TLS_LAST_RELOAD: &str = "runnel_tls_last_reload_timestamp_seconds";
 pub const CLIENT_CERT_NOT_AFTER: &str = "runnel_client_certificate_not_after_timestamp_seconds";
 pub const DRAINING: &str = "runnel_draining";
 pub const BUILD_INFO: &str = "runnel_build_info";
 
 /// (name, kind, labels, description): the catalogue the README documents.
 pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
+    (
+        CONNECTION_DURATION,
+        "histogram",
+        "outcome",
+        "downstream connection lifetime, by how it ended",
+    ),
+    (
+        FIRST_BYTE,
+        "histogram",
+        "",
+        "from accept to the first byte written upstream",
+    ),
+    (
+        UPSTREAM_ERRORS,
+        "counter",
+        "kind",
+        "upstream failures: dns, connect, timeout, tls_alert_from_gateway, certificate_rejected, certificate_untrusted, alpn_mismatch, handshake",
+    ),
+    (
+        CA_NOT_AFTER,
+        "gauge",
+        "",
+        "earliest notAfter among the CA certificates, Unix seconds",
+    ),
+    (
+        TLS_RELOADS,
+        "counter",
+        "result",
+        "reloads of CA, certificate and key files: ok, error",
+    ),
+    (
+        TLS_LAST_RELOAD,
+        "gauge",
+        "",
+        "when the TLS material was last loaded, Unix seconds",
+    ),
     (
         CONNECTIONS_ACCEPTED,
         "counter",
@@ -141,12 +183,21 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Seconds: a connection lives from a millisecond (a probe) to hours (a stream).
+const LIFETIME_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14400.0,
+];
+
 /// Installs the global recorder once (tests start many servers in one process).
 pub fn install() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        let mut builder = Ok(PrometheusBuilder::new());
+        for name in [HANDSHAKE_DURATION, CONNECT_DURATION, UPSTREAM_WAIT, FIRST_BYTE] {
+            builder = builder.and_then(|b| b.set_buckets_for_metric(Matcher::Full(name.into()), LATENCY_BUCKETS));
+        }
+        let recorder = builder
+            .and_then(|b| b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), LIFETIME_BUCKETS))
             .map(PrometheusBuilder::build_recorder);
         let recorder = match recorder {
             Ok(r) => r,
@@ -195,6 +246,8 @@ pub struct Handles {
     checkouts: Vec<[Counter; 2]>,
     wait_hit: Histogram,
     wait_miss: Histogram,
+    pub first_byte: Histogram,
+    durations: Vec<(Outcome, Histogram)>,
 }
 
 impl Handles {
@@ -219,6 +272,16 @@ impl Handles {
                 .collect(),
             wait_hit: metrics::histogram!(UPSTREAM_WAIT, "pool" => "hit"),
             wait_miss: metrics::histogram!(UPSTREAM_WAIT, "pool" => "miss"),
+            first_byte: metrics::histogram!(FIRST_BYTE),
+            durations: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    (
+                        *o,
+                        metrics::histogram!(CONNECTION_DURATION, "outcome" => o.label()),
+                    )
+                })
+                .collect(),
             closed: Outcome::ALL
                 .iter()
                 .map(|o| {
@@ -231,9 +294,13 @@ impl Handles {
         })
     }
 
-    pub fn closed(&self, outcome: Outcome) {
+    /// Counts a closed connection and records how long it lived.
+    pub fn closed(&self, outcome: Outcome, lifetime: Duration) {
         if let Some((_, c)) = self.closed.iter().find(|(o, _)| *o == outcome) {
             c.increment(1);
+        }
+        if let Some((_, h)) = self.durations.iter().find(|(o, _)| *o == outcome) {
+            h.record(lifetime);
         }
     }
 }
@@ -253,6 +320,20 @@ pub fn handshake(kind: &'static str, ok: bool) {
         );
         metrics::gauge!(RESUMPTION_RATIO).set(resumed as f64 / (full + resumed).max(1) as f64);
     }
+}
+
+/// Exports the validity of newly loaded TLS material (at start and on each reload).
+pub fn tls_loaded(material: &crate::tls::Material, reload: bool) {
+    metrics::gauge!(CLIENT_CERT_NOT_AFTER).set(material.cert_not_after as f64);
+    metrics::gauge!(CA_NOT_AFTER).set(material.ca_not_after as f64);
+    metrics::gauge!(TLS_LAST_RELOAD).set(crate::tls::unix_now() as f64);
+    metrics::counter!(TLS_RELOADS, "result" => "ok").increment(u64::from(reload));
+    metrics::counter!(TLS_RELOADS, "result" => "error").increment(0);
+}
+
+/// Counts an upstream failure by kind (see `error::ConnectError::kind`).
+pub fn upstream_error(kind: &'static str) {
+    metrics::counter!(UPSTREAM_ERRORS, "kind" => kind).increment(1);
 }
 
 /// Counts a pool checkout.

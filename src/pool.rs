@@ -64,10 +64,13 @@ pub enum Discard {
     Drain,
     /// The checkout that asked for it had gone by the time it was handed over.
     Abandoned,
+    /// Made with TLS material that has since been reloaded.
+    Reloaded,
 }
 
 impl Discard {
-    pub const ALL: [Discard; 7] = [
+    pub const ALL: [Discard; 8] = [
+        Discard::Reloaded,
         Discard::Closed,
         Discard::UnexpectedData,
         Discard::Error,
@@ -86,6 +89,7 @@ impl Discard {
             Discard::MaxIdle => "max_idle",
             Discard::Drain => "drain",
             Discard::Abandoned => "abandoned",
+            Discard::Reloaded => "reloaded",
         }
     }
 }
@@ -317,6 +321,7 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
     let mut connected = match connected {
         Ok(c) => c,
         Err(e) => {
+            metrics::upstream_error(e.kind());
             tracing::warn!(alpn = pool.offer.label(), error = %e, "pool: upstream connection failed; backing off");
             return false;
         }
@@ -332,6 +337,9 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         Ordering::Relaxed,
     );
     if let Err(reason) = admit(&mut connected).await {
+        if matches!(reason, Discard::Rejected) {
+            metrics::upstream_error("certificate_rejected");
+        }
         metrics::pool_discard(reason.label());
         tracing::warn!(
             alpn = pool.offer.label(),
@@ -389,6 +397,21 @@ enum Event {
     Read(std::io::Result<usize>),
     MaxIdle,
     Drain,
+    Reloaded,
+}
+
+/// After a TLS reload, idle connections made with the old identity are replaced
+/// gradually: each retires at a random point within this spread.
+const RELOAD_SPREAD: Duration = Duration::from_secs(5);
+
+/// Completes once a reload made this connection's identity old, plus its jitter.
+async fn outdated(mut reloads: tokio::sync::watch::Receiver<u64>, made_with: u64, jitter: f64) {
+    while *reloads.borrow_and_update() <= made_with {
+        if reloads.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+    tokio::time::sleep(RELOAD_SPREAD.mul_f64(jitter)).await;
 }
 
 /// Owns one idle pooled connection until it is taken or retired.
@@ -407,6 +430,7 @@ async fn watch(
         r = tokio::io::AsyncReadExt::read(&mut connected.stream, &mut byte) => Event::Read(r),
         _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
         _ = pools.stop.cancelled() => Event::Drain,
+        _ = outdated(pools.connector.reloads(), connected.info.generation, (jitter - 0.9) / 0.2) => Event::Reloaded,
     };
     pool.idle_count.fetch_sub(1, Ordering::Relaxed);
     pool.wake.notify_one();
@@ -424,6 +448,7 @@ async fn watch(
         }
         Event::Take(Err(_)) | Event::Drain => Discard::Drain,
         Event::MaxIdle => Discard::MaxIdle,
+        Event::Reloaded => Discard::Reloaded,
         Event::Read(Ok(0)) => Discard::Closed,
         Event::Read(Ok(_)) => Discard::UnexpectedData,
         Event::Read(Err(_)) => Discard::Error,
@@ -431,7 +456,7 @@ async fn watch(
     metrics::pool_discard(reason.label());
     if matches!(
         reason,
-        Discard::MaxIdle | Discard::Drain | Discard::Abandoned
+        Discard::MaxIdle | Discard::Drain | Discard::Abandoned | Discard::Reloaded
     ) {
         // A clean goodbye: close_notify, then FIN.
         let _ = tokio::time::timeout(Duration::from_secs(1), connected.stream.shutdown()).await;

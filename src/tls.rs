@@ -60,6 +60,8 @@ pub struct Material {
     pub cert_not_after: i64,
     /// The earliest notAfter among the CA certificates.
     pub ca_not_after: i64,
+    /// Hash of the PEM texts this was loaded from; a reload compares against it.
+    pub content_hash: u64,
 }
 
 impl Material {
@@ -121,6 +123,7 @@ impl Material {
             identity: Arc::new(identity),
             cert_not_after: not_after,
             ca_not_after,
+            content_hash: content_hash([&ca_pem, &cert_pem, &key_pem]),
         })
     }
 }
@@ -147,13 +150,14 @@ pub struct ClientConfigs {
 }
 
 impl ClientConfigs {
-    pub fn new(config: &Config) -> Result<ClientConfigs, rustls::Error> {
+    pub fn new(config: &Config, material: &Material) -> Result<ClientConfigs, rustls::Error> {
         let store = Arc::new(TicketStore::new());
         let fixed = match &config.alpn {
             AlpnPolicy::List(list) => list.clone(),
             AlpnPolicy::Auto | AlpnPolicy::None => Vec::new(),
         };
-        let build = |alpn: Vec<Vec<u8>>| client_config(config, store.clone(), alpn).map(Arc::new);
+        let build =
+            |alpn: Vec<Vec<u8>>| client_config(config, material, store.clone(), alpn).map(Arc::new);
         Ok(ClientConfigs {
             h2: build(vec![b"h2".to_vec()])?,
             http1: build(vec![b"http/1.1".to_vec()])?,
@@ -165,6 +169,7 @@ impl ClientConfigs {
 
 fn client_config(
     config: &Config,
+    material: &Material,
     store: Arc<TicketStore>,
     alpn: Vec<Vec<u8>>,
 ) -> Result<ClientConfig, rustls::Error> {
@@ -174,9 +179,9 @@ fn client_config(
     };
     let mut tls = ClientConfig::builder_with_provider(Arc::new(provider()))
         .with_protocol_versions(versions)?
-        .with_root_certificates(config.tls.roots.clone())
+        .with_root_certificates(material.roots.clone())
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(
-            (*config.tls.identity).clone(),
+            (*material.identity).clone(),
         )));
     tls.alpn_protocols = alpn;
     tls.resumption = Resumption::store(store);
@@ -249,7 +254,17 @@ impl ClientSessionStore for TicketStore {
     }
 }
 
-fn read(source: &Source) -> Result<(&'static str, String), ConfigError> {
+/// A change detector over the CA, certificate and key texts (not a security hash: it
+/// only decides whether to load again).
+pub fn content_hash(texts: [&str; 3]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    texts.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The PEM text of a source, read now, with the variable that named it.
+pub fn read(source: &Source) -> Result<(&'static str, String), ConfigError> {
     match source {
         Source::Pem { var, text } => Ok((var, text.clone())),
         Source::File { var, path } => std::fs::read_to_string(path)

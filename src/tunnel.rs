@@ -4,14 +4,15 @@
 //! byte (a TCP probe that closes costs the gateway nothing), and every path out of
 //! `handle` records exactly one outcome.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field::Empty};
 
 use crate::{
     config::Config,
+    connect::HandshakeInfo,
     copy::{self, Report},
     detect,
     error::Outcome,
@@ -19,6 +20,9 @@ use crate::{
     pool::Pools,
     socket,
 };
+
+/// The tracing target of access-log lines (`RUNNEL_ACCESS_LOG=on` enables it).
+pub const ACCESS_LOG_TARGET: &str = "runnel::access";
 
 /// What every connection shares.
 pub struct Shared {
@@ -44,29 +48,61 @@ pub async fn handle(down: TcpStream, peer: SocketAddr, id: u64, shared: Arc<Shar
     let handles = Handles::get();
     handles.accepted.increment(1);
     handles.active.increment(1.0);
-    let started = Instant::now();
-    let report = serve(down, &shared).instrument(span.clone()).await;
+    let accepted = Instant::now();
+    let (report, upstream) = serve(down, &shared).instrument(span.clone()).await;
+    let lifetime = accepted.elapsed();
     handles.active.decrement(1.0);
-    handles.closed(report.outcome);
-    span.in_scope(|| {
-        tracing::debug!(
-            outcome = report.outcome.label(),
-            bytes.to_upstream = report.to_upstream,
-            bytes.to_downstream = report.to_downstream,
-            closed_first = report.closed_first.map(copy::Side::label),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            "connection closed"
-        );
-    });
+    handles.closed(report.outcome, lifetime);
+    if let Some(at) = report.first_upstream_write {
+        handles
+            .first_byte
+            .record(at.saturating_duration_since(accepted));
+    }
+    if let Some(kind) = report.upstream_error {
+        metrics::upstream_error(kind);
+    }
+    let _entered = span.enter();
+    tracing::debug!(
+        outcome = report.outcome.label(),
+        bytes.to_upstream = report.to_upstream,
+        bytes.to_downstream = report.to_downstream,
+        closed_first = report.closed_first.map(copy::Side::label),
+        duration_ms = lifetime.as_secs_f64() * 1000.0,
+        "connection closed"
+    );
+    if shared.config.access_log {
+        access_log(peer, &report, upstream.as_ref(), lifetime);
+    }
 }
 
-async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
-    let ended = |outcome| Report {
-        outcome,
-        to_upstream: 0,
-        to_downstream: 0,
-        closed_first: None,
-    };
+/// One line per closed connection, Cloud Logging field conventions (no `httpRequest`:
+/// runnel is L4).
+fn access_log(
+    peer: SocketAddr,
+    report: &Report,
+    up: Option<&HandshakeInfo>,
+    lifetime: std::time::Duration,
+) {
+    tracing::info!(
+        target: ACCESS_LOG_TARGET,
+        downstream_addr = %peer,
+        upstream_addr = up.map(|u| u.addr.to_string()),
+        duration_ms = lifetime.as_secs_f64() * 1000.0,
+        bytes_to_upstream = report.to_upstream,
+        bytes_to_downstream = report.to_downstream,
+        outcome = report.outcome.label(),
+        closed_first = report.closed_first.map(copy::Side::label),
+        alpn = up.and_then(|u| u.alpn.as_deref()),
+        tls_version = up.map(|u| u.version.as_str()),
+        tls_group = up.map(|u| u.kx_group.as_str()),
+        tls_resumed = up.map(|u| u.resumed),
+        pool_hit = up.map(|u| u.pooled),
+        "connection closed"
+    );
+}
+
+async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<HandshakeInfo>) {
+    let ended = |outcome| (Report::ended(outcome), None);
     socket::downstream(&down);
     let first = tokio::select! {
         first = detect::first_bytes(&mut down, &shared.config.alpn) => first,
@@ -96,9 +132,11 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
             c
         }
         Err(e) => {
-            tracing::warn!(error = %e, upstream = %shared.config.upstream, "upstream connection failed; resetting the downstream");
+            tracing::warn!(error = %e, kind = e.kind(), upstream = %shared.config.upstream, "upstream connection failed; resetting the downstream");
             socket::abort(&down);
-            return ended(e.outcome());
+            let mut report = Report::ended(e.outcome());
+            report.upstream_error = Some(e.kind());
+            return (report, None);
         }
     };
     let span = tracing::Span::current();
@@ -109,6 +147,7 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
     span.record("alpn", connected.info.alpn.as_deref().unwrap_or("none"));
     span.record("tls.resumed", connected.info.resumed);
     span.record("pool.hit", connected.info.pooled);
+    let info = connected.info;
     let report = copy::run(
         down,
         connected.stream,
@@ -120,7 +159,7 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> Report {
     if report.to_downstream > 0 {
         shared.pools.mark_accepted();
     }
-    report
+    (report, Some(info))
 }
 
 /// Completes after the idle timeout, or never when it is off.

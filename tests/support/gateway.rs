@@ -46,6 +46,8 @@ pub struct Seen {
     /// How the connection ended: Some(true) after the peer's close_notify, Some(false)
     /// on an error (reset, truncation), None while open.
     pub ended_clean: Option<bool>,
+    /// The client certificate presented (DER).
+    pub client_cert: Option<Vec<u8>>,
 }
 
 /// Something the test asks every idle connection (no bytes received yet) to do.
@@ -86,7 +88,19 @@ impl Gateway {
     }
 
     pub async fn start(tls: Arc<ServerConfig>, behaviour: Behaviour) -> Gateway {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Gateway::start_at(
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            tls,
+            behaviour,
+        )
+    }
+
+    /// A gateway on a listener the test bound (to reuse a port runnel already points at).
+    pub fn start_at(
+        listener: TcpListener,
+        tls: Arc<ServerConfig>,
+        behaviour: Behaviour,
+    ) -> Gateway {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let raw = Arc::new(Mutex::new(Vec::new()));
@@ -167,6 +181,10 @@ async fn serve(
             resumed: conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
             received: Vec::new(),
             ended_clean: None,
+            client_cert: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
         });
         all.len() - 1
     };
