@@ -307,6 +307,9 @@ pub async fn run(
         ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
         ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
         ("RUNNEL_LISTEN", options.listen.to_string()),
+        // The demo gateway speaks HTTP/1.1 only; offering exactly that keeps runnel from
+        // warming an h2 pool the gateway would refuse.
+        ("RUNNEL_ALPN", "http/1.1".to_owned()),
         (
             "RUNNEL_METRICS_ADDR",
             options.metrics.map_or("off".into(), |a| a.to_string()),

@@ -114,6 +114,9 @@ struct Pool {
     checkouts: AtomicU64,
     /// Recent connect + handshake time, in microseconds (EWMA).
     dial_micros: AtomicU64,
+    /// Whether the last dial failed: failures are logged when this flips, not each
+    /// retry (an h2 pool facing a gateway without h2 would otherwise warn forever).
+    failing: std::sync::atomic::AtomicBool,
     wake: Notify,
 }
 
@@ -134,6 +137,7 @@ impl Pools {
                     target: AtomicUsize::new(config.pool.min),
                     checkouts: AtomicU64::new(0),
                     dial_micros: AtomicU64::new(0),
+                    failing: std::sync::atomic::AtomicBool::new(false),
                     wake: Notify::new(),
                 })
             })
@@ -322,7 +326,11 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         Ok(c) => c,
         Err(e) => {
             metrics::upstream_error(e.kind());
-            tracing::warn!(alpn = pool.offer.label(), error = %e, "pool: upstream connection failed; backing off");
+            if !pool.failing.swap(true, Ordering::Relaxed) {
+                tracing::warn!(alpn = pool.offer.label(), error = %e, kind = e.kind(), "pool: upstream connection failed; retrying with backoff (logged once until it recovers)");
+            } else {
+                tracing::debug!(alpn = pool.offer.label(), error = %e, "pool: upstream connection failed again");
+            }
             return false;
         }
     };
@@ -349,6 +357,12 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         return false;
     }
     pools.connector.mark_accepted();
+    if pool.failing.swap(false, Ordering::Relaxed) {
+        tracing::info!(
+            alpn = pool.offer.label(),
+            "pool: upstream connections succeed again"
+        );
+    }
     let (take, taken) = oneshot::channel();
     pool.idle_count.fetch_add(1, Ordering::Relaxed);
     pool.idle
