@@ -174,7 +174,7 @@ async fn a_refused_reload_is_logged_once_however_often_it_is_retried() {
         if seen >= 1.0 {
             runnel.signal("HUP");
         }
-        seen = tokio::task::spawn_blocking(errors.clone()).await.unwrap();
+        seen = tokio::task::spawn_blocking(errors).await.unwrap();
         assert!(
             std::time::Instant::now() < deadline,
             "errors counted: {seen}"
