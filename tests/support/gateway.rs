@@ -33,6 +33,24 @@ pub enum Behaviour {
     ReplyThenTruncate(Vec<u8>),
     /// Read one chunk, then reset the TCP connection.
     ReadThenReset,
+    /// The soak peer: reads a header `[n_up u32, n_down u32, upstream_first u8, seed u64]`,
+    /// then either reads `n_up` bytes to EOF and answers `n_down` (the downstream closes
+    /// first) or answers and half-closes first, then reads. Checks every byte against
+    /// `pattern(seed)`; a mismatch ends the connection with an error (a reset).
+    Soak,
+}
+
+/// The bytes both ends of the soak agree on.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
 }
 
 /// What the gateway saw on one connection.
@@ -110,7 +128,11 @@ impl Gateway {
         let (pokes, _) = tokio::sync::broadcast::channel(16);
         let p = pokes.clone();
         let task = tokio::spawn(async move {
+            // Connections live in this set: dropping the gateway (aborting this task)
+            // ends them all, as a gateway process dying would.
+            let mut conns = tokio::task::JoinSet::new();
             loop {
+                while conns.try_join_next().is_some() {}
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
@@ -118,7 +140,7 @@ impl Gateway {
                 let (acceptor, behaviour, s, r) =
                     (acceptor.clone(), behaviour.clone(), s.clone(), r.clone());
                 let pokes = p.subscribe();
-                tokio::spawn(async move {
+                conns.spawn(async move {
                     let recording = Recording { inner: tcp, raw: r };
                     let Ok(tls) = acceptor.accept(recording).await else {
                         return;
@@ -260,6 +282,34 @@ async fn behave(
             recording.inner.shutdown().await?;
             // Drain so that closing sends FIN, not RST.
             while recording.inner.read(&mut buf).await? > 0 {}
+            Ok(())
+        }
+        Behaviour::Soak => {
+            let mut head = [0u8; 17];
+            tls.read_exact(&mut head).await?;
+            let n_up = u32::from_be_bytes(head[0..4].try_into().unwrap()) as usize;
+            let n_down = u32::from_be_bytes(head[4..8].try_into().unwrap()) as usize;
+            let upstream_first = head[8] == 1;
+            let seed = u64::from_be_bytes(head[9..17].try_into().unwrap());
+            if upstream_first {
+                tls.write_all(&pattern(seed.wrapping_add(1), n_down))
+                    .await?;
+                tls.shutdown().await?;
+            }
+            let mut got = Vec::with_capacity(n_up);
+            tls.read_to_end(&mut got).await?;
+            if got != pattern(seed, n_up) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "soak: bytes differ",
+                ));
+            }
+            record(b"ok");
+            if !upstream_first {
+                tls.write_all(&pattern(seed.wrapping_add(1), n_down))
+                    .await?;
+                tls.shutdown().await?;
+            }
             Ok(())
         }
         Behaviour::ReadThenReset => {
