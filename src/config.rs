@@ -151,6 +151,11 @@ pub const VARS: &[Var] = &[
         help: "/readyz fails when the client certificate expires within this",
     },
     Var {
+        name: "SSLKEYLOGFILE",
+        default: "",
+        help: "debugging only: append TLS secrets to this file (NSS key log format); a warning at start-up",
+    },
+    Var {
         name: "RUNNEL_WORKERS",
         default: "CPUs available (cgroup aware)",
         help: "runtime worker threads",
@@ -170,6 +175,8 @@ pub struct Config {
     pub tls_reload_interval: Option<Duration>,
     pub cert_min_validity: Duration,
     pub access_log: bool,
+    /// `SSLKEYLOGFILE`: where to write TLS secrets for debugging; `None` normally.
+    pub key_log: Option<std::path::PathBuf>,
     pub min_version: TlsMinVersion,
     pub alpn: AlpnPolicy,
     pub connect_timeout: Duration,
@@ -366,6 +373,9 @@ impl Config {
         })?;
         let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
         let workers = env.parse_or("RUNNEL_WORKERS", cpus, |s| parse_count(s, 1024))?;
+        if let Some(path) = env.get("SSLKEYLOGFILE")? {
+            warnings.push(format!("SSLKEYLOGFILE: TLS secrets are written to {path}: anyone who reads it can decrypt the upstream traffic; unset it outside debugging"));
+        }
         let config = Config {
             listen,
             upstream,
@@ -386,6 +396,7 @@ impl Config {
             tls_reload_interval: (!reload.is_zero()).then_some(reload),
             cert_min_validity,
             access_log,
+            key_log: env.get("SSLKEYLOGFILE")?.map(std::path::PathBuf::from),
         };
         Ok((config, warnings))
     }
@@ -545,7 +556,7 @@ fn default_server_name(upstream: &Upstream) -> Result<ServerName<'static>, Confi
 }
 
 fn is_ours(name: &str) -> bool {
-    name == "PORT" || name.starts_with("RUNNEL_")
+    name == "PORT" || name == "SSLKEYLOGFILE" || name.starts_with("RUNNEL_")
 }
 
 fn static_name(name: &str) -> Option<&'static str> {

@@ -105,6 +105,12 @@ impl Material {
         }
 
         let (key_var, key_pem) = read(&sources.key)?;
+        if let Source::File { path, .. } = &sources.key {
+            use std::os::unix::fs::PermissionsExt;
+            if std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0) {
+                warnings.push(format!("{key_var}: {} is readable by every user on this machine; make it readable by runnel only (chmod 600)", path.display()));
+            }
+        }
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
             ConfigError::new(
                 key_var,
@@ -185,7 +191,43 @@ fn client_config(
         )));
     tls.alpn_protocols = alpn;
     tls.resumption = Resumption::store(store);
+    if let Some(path) = &config.key_log {
+        tls.key_log = Arc::new(KeyLogFile::new(path));
+    }
     Ok(tls)
+}
+
+/// Appends TLS secrets in the NSS key log format (what Wireshark reads), for
+/// debugging only. The path comes from `Config`, not from the environment directly.
+#[derive(Debug)]
+struct KeyLogFile {
+    file: Option<std::sync::Mutex<std::fs::File>>,
+}
+
+impl KeyLogFile {
+    fn new(path: &std::path::Path) -> KeyLogFile {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path);
+        if let Err(e) = &file {
+            tracing::warn!(path = %path.display(), error = %e, "SSLKEYLOGFILE: cannot open; no secrets will be written");
+        }
+        KeyLogFile {
+            file: file.ok().map(std::sync::Mutex::new),
+        }
+    }
+}
+
+impl rustls::KeyLog for KeyLogFile {
+    fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
+        use std::io::Write;
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        if let Some(file) = &self.file {
+            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = writeln!(f, "{label} {} {}", hex(client_random), hex(secret));
+        }
+    }
 }
 
 /// rustls's session cache, counting the TLS 1.3 tickets it holds, so that the pool can

