@@ -52,7 +52,7 @@ async fn min_version_1_3_refuses_a_tls_1_2_only_gateway() {
     let end = tokio::time::timeout(DEADLINE, read_to_end(&mut s))
         .await
         .unwrap();
-    assert!(end.map_or_else(|(_, b)| b, |b| b).is_empty());
+    assert!(end.unwrap_or_else(|(_, b)| b).is_empty());
     assert!(gateway.seen().is_empty(), "a TLS 1.2 handshake completed");
     assert!(!gateway.raw_contains(b"MARKER-1.2"));
 }
@@ -101,7 +101,7 @@ async fn a_tls_1_1_gateway_is_refused_and_gets_no_bytes() {
     let end = tokio::time::timeout(DEADLINE, read_to_end(&mut s))
         .await
         .unwrap();
-    assert!(end.map_or_else(|(_, b)| b, |b| b).is_empty());
+    assert!(end.unwrap_or_else(|(_, b)| b).is_empty());
     assert!(
         !server.stdout().join("\n").contains("MARKER-1.1"),
         "application bytes reached a TLS 1.1 server"
