@@ -41,7 +41,7 @@ use crate::{
 /// Handshakes one pool may run at once: bounds the burst on the gateway and paces
 /// ticket use (rustls keeps a few TLS 1.3 tickets per server; each resumption takes one,
 /// and new ones arrive only after a handshake completes).
-const MAX_CONCURRENT_HANDSHAKES: usize = 4;
+const MAX_CONCURRENT_HANDSHAKES: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often a pool re-estimates its target size.
@@ -334,16 +334,6 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
             return false;
         }
     };
-    let elapsed = started.elapsed().as_micros() as u64;
-    let old = pool.dial_micros.load(Ordering::Relaxed);
-    pool.dial_micros.store(
-        if old == 0 {
-            elapsed
-        } else {
-            (old * 7 + elapsed * 3) / 10
-        },
-        Ordering::Relaxed,
-    );
     if let Err(reason) = admit(&mut connected).await {
         if matches!(reason, Discard::Rejected) {
             metrics::upstream_error("certificate_rejected");
@@ -356,6 +346,17 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         );
         return false;
     }
+    // Until admitted a connection is no use: the dial time includes admission.
+    let elapsed = started.elapsed().as_micros() as u64;
+    let old = pool.dial_micros.load(Ordering::Relaxed);
+    pool.dial_micros.store(
+        if old == 0 {
+            elapsed
+        } else {
+            (old * 7 + elapsed * 3) / 10
+        },
+        Ordering::Relaxed,
+    );
     pools.connector.mark_accepted();
     if pool.failing.swap(false, Ordering::Relaxed) {
         tracing::info!(

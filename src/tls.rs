@@ -34,8 +34,8 @@ use crate::{
 const EXPIRY_WARNING_SECS: i64 = 7 * 24 * 3600;
 /// Sessions kept for resumption. One upstream name needs few; this bounds memory.
 const SESSION_CACHE_SIZE: usize = 256;
-/// TLS 1.3 tickets rustls's memory cache keeps per server name.
-const TICKETS_PER_SERVER: usize = 8;
+/// TLS 1.3 tickets kept per server name: enough to resume a burst of new connections.
+const TICKETS_PER_SERVER: usize = 64;
 
 /// Where one piece of PEM comes from, with the variable that named it.
 #[derive(Debug, Clone)]
@@ -230,18 +230,36 @@ impl rustls::KeyLog for KeyLogFile {
     }
 }
 
-/// rustls's session cache, counting the TLS 1.3 tickets it holds, so that the pool can
-/// pace its handshakes to the tickets available (each resumption spends one).
-#[derive(Debug)]
+/// The session store: rustls's cache for everything but TLS 1.3 tickets, which are
+/// kept here, more of them than rustls's 8 per server. Each resumption spends one
+/// ticket and new ones arrive only a round trip after a handshake, so a burst of new
+/// connections larger than the stock would fall back to full handshakes. The pool
+/// paces its refills by `tickets()`.
 pub struct TicketStore {
     inner: ClientSessionMemoryCache,
+    tls13: std::sync::Mutex<
+        std::collections::HashMap<
+            ServerName<'static>,
+            std::collections::VecDeque<Tls13ClientSessionValue>,
+        >,
+    >,
     tickets: AtomicUsize,
+}
+
+impl std::fmt::Debug for TicketStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tickets are secrets: count them, never print them.
+        f.debug_struct("TicketStore")
+            .field("tickets", &self.tickets())
+            .finish()
+    }
 }
 
 impl TicketStore {
     fn new() -> TicketStore {
         TicketStore {
             inner: ClientSessionMemoryCache::new(SESSION_CACHE_SIZE),
+            tls13: std::sync::Mutex::new(std::collections::HashMap::new()),
             tickets: AtomicUsize::new(0),
         }
     }
@@ -273,25 +291,39 @@ impl ClientSessionStore for TicketStore {
         server_name: ServerName<'static>,
         value: Tls13ClientSessionValue,
     ) {
-        let _ = self
-            .tickets
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some((n + 1).min(TICKETS_PER_SERVER))
-            });
-        self.inner.insert_tls13_ticket(server_name, value)
+        let mut all = self.tls13.lock().unwrap_or_else(|p| p.into_inner());
+        if !all.contains_key(&server_name) && all.len() >= SESSION_CACHE_SIZE {
+            return;
+        }
+        let tickets = all.entry(server_name).or_default();
+        if tickets.len() == TICKETS_PER_SERVER {
+            tickets.pop_front(); // the oldest goes first
+        }
+        tickets.push_back(value);
+        self.tickets.store(
+            all.values()
+                .map(std::collections::VecDeque::len)
+                .max()
+                .unwrap_or(0),
+            Ordering::Relaxed,
+        );
     }
     fn take_tls13_ticket(
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
-        let taken = self.inner.take_tls13_ticket(server_name);
-        if taken.is_some() {
-            let _ = self
-                .tickets
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(1))
-                });
-        }
+        let mut all = self.tls13.lock().unwrap_or_else(|p| p.into_inner());
+        // The freshest ticket: least likely to have expired at the gateway.
+        let taken = all
+            .get_mut(server_name)
+            .and_then(std::collections::VecDeque::pop_back);
+        self.tickets.store(
+            all.values()
+                .map(std::collections::VecDeque::len)
+                .max()
+                .unwrap_or(0),
+            Ordering::Relaxed,
+        );
         taken
     }
 }

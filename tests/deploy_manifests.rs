@@ -592,6 +592,13 @@ fn runnel_config(pod: &Value) -> Result<(Config, Warnings), String> {
                 let real = files.path().join(value.trim_start_matches('/'));
                 std::fs::create_dir_all(real.parent().unwrap()).unwrap();
                 std::fs::write(&real, pem).unwrap();
+                // Owner-only, as a key file should be (Cloud Run mounts secrets 0444; runnel then
+                // warns once at start-up, a false alarm in a one-user container).
+                std::fs::set_permissions(
+                    &real,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o400),
+                )
+                .unwrap();
                 real.display().to_string()
             }
             None => value.to_owned(),

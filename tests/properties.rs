@@ -55,7 +55,7 @@ proptest! {
             ("RUNNEL_TLS_CERT_PEM", text.clone()),
             ("RUNNEL_TLS_KEY_PEM", text),
         ];
-        let e = Config::from_vars(vars).err().expect("random text is no CA");
+        let e = Config::from_vars(vars).expect_err("random text is no CA");
         prop_assert_eq!(e.var.as_ref(), "RUNNEL_TLS_CA_PEM");
     }
 
@@ -63,7 +63,7 @@ proptest! {
     fn unknown_runnel_variables_are_named(suffix in "[A-Z_]{1,20}") {
         let name = format!("RUNNEL_{suffix}");
         prop_assume!(!VARS.iter().any(|v| v.name == name));
-        let e = Config::from_vars([(name.clone(), "x".to_owned())]).err().expect("unknown variable accepted");
+        let e = Config::from_vars([(name.clone(), "x".to_owned())]).expect_err("unknown variable accepted");
         prop_assert_eq!(e.var.as_ref(), name.as_str());
         prop_assert!(e.reason.contains("did you mean RUNNEL_"));
     }
