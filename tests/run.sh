@@ -189,8 +189,9 @@ step() {
 step cargo fmt --all --check
 step cargo clippy --all-targets -- -D warnings
 
-# Benchmark smoke step, to come: a short run of the real benchmark harness.
-# step bash bench/run.sh --only runnel --quick
+# Benchmark smoke step: the real harness, runnel alone, one short round (it builds
+# target/release/runnel when missing and installs its own tools).
+step bash bench/run.sh --only runnel --quick
 
 # Last, and nothing printed after it on success: CI reads the runner's closing lines.
 log "cargo nextest run --retries 0 --no-fail-fast"
