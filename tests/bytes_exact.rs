@@ -5,21 +5,8 @@ mod support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
+use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pattern, pki, read_to_end, vars};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-
-/// Deterministic pseudo-random bytes (xorshift), so failures can be replayed from the seed.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 async fn echo_through(addr: std::net::SocketAddr, data: Vec<u8>) -> Vec<u8> {
     let stream = TcpStream::connect(addr).await.unwrap();

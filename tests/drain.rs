@@ -21,23 +21,9 @@ use tokio::{
 const MIB: usize = 1024 * 1024;
 
 async fn serve(pki: &runnel::demo::Pki, gateway: SocketAddr, drain: &str) -> (Runnel, SocketAddr) {
-    let vars = [
-        ("RUNNEL_UPSTREAM", gateway.to_string()),
-        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
-        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
-        ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
-        ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
-        ("RUNNEL_LISTEN", "127.0.0.1:0".to_owned()),
-        ("RUNNEL_METRICS_ADDR", "off".to_owned()),
-        ("RUNNEL_DRAIN_TIMEOUT", drain.to_owned()),
-    ];
-    tokio::task::spawn_blocking(move || {
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (runnel, listening) = Runnel::serve(&vars);
-        (runnel, listening.listen)
-    })
-    .await
-    .unwrap()
+    let vars = support::gateway::binary_vars(pki, gateway, &[("RUNNEL_DRAIN_TIMEOUT", drain)]);
+    let (runnel, listening) = support::gateway::serve_binary(vars).await;
+    (runnel, listening.listen)
 }
 
 /// Polls until a connect to `addr` is refused.

@@ -25,16 +25,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 async fn out_of_descriptors_accept_backs_off_without_spinning_and_recovers() {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
-    let vars = [
-        ("RUNNEL_UPSTREAM", gateway.addr.to_string()),
-        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
-        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
-        ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
-        ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
-        ("RUNNEL_LISTEN", "127.0.0.1:0".to_owned()),
-        ("RUNNEL_METRICS_ADDR", "off".to_owned()),
-        ("RUNNEL_WORKERS", "1".to_owned()),
-    ];
+    let vars = support::gateway::binary_vars(&pki, gateway.addr, &[("RUNNEL_WORKERS", "1")]);
     let result = tokio::task::spawn_blocking(move || {
         let mut command = std::process::Command::new("bash");
         command.args([

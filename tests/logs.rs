@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::{
     gateway::{Behaviour, DEADLINE, Gateway, pki, read_to_end},
-    process::{Runnel, TempDir, field, http_get},
+    process::{TempDir, field, http_get},
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
@@ -19,28 +19,10 @@ fn json_lines(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
-async fn serve(vars: Vec<(String, String)>) -> (Runnel, support::process::Listening) {
-    tokio::task::spawn_blocking(move || {
-        let v: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        Runnel::serve(&v)
-    })
-    .await
-    .unwrap()
-}
+use support::gateway::serve_binary as serve;
 
 fn base(pki: &runnel::demo::Pki, gateway: std::net::SocketAddr) -> Vec<(String, String)> {
-    [
-        ("RUNNEL_UPSTREAM", gateway.to_string()),
-        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
-        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
-        ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
-        ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
-        ("RUNNEL_LISTEN", "127.0.0.1:0".to_owned()),
-        ("RUNNEL_METRICS_ADDR", "127.0.0.1:0".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    support::gateway::binary_vars(pki, gateway, &[("RUNNEL_METRICS_ADDR", "127.0.0.1:0")])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

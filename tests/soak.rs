@@ -9,10 +9,7 @@ mod support;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use support::{
-    gateway::{Behaviour, DEADLINE, Gateway, pattern, pki},
-    process::Runnel,
-};
+use support::gateway::{Behaviour, DEADLINE, Gateway, pattern, pki};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -71,22 +68,10 @@ async fn thousands_of_random_transfers_with_random_half_close_order_are_exact_an
         .unwrap_or(2000);
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Soak).await;
-    let vars = [
-        ("RUNNEL_UPSTREAM", gateway.addr.to_string()),
-        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
-        ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
-        ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
-        ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
-        ("RUNNEL_LISTEN", "127.0.0.1:0".to_owned()),
-        ("RUNNEL_METRICS_ADDR", "off".to_owned()),
-    ];
-    let (runnel, addr) = tokio::task::spawn_blocking(move || {
-        let v: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (r, l) = Runnel::serve(&v);
-        (r, l.listen)
-    })
-    .await
-    .unwrap();
+    let (runnel, listening) =
+        support::gateway::serve_binary(support::gateway::binary_vars(&pki, gateway.addr, &[]))
+            .await;
+    let addr = listening.listen;
     let pid = runnel.pid();
     // Warm up once so the baseline includes the runtime, pools and TLS state.
     one(addr, 1).await.unwrap();

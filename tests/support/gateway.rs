@@ -491,3 +491,30 @@ pub fn pki() -> Pki {
 
 /// A deadline for anything a test waits on; generous, since tests run in parallel.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Variables for the runnel binary pointed at `gateway`: ephemeral listen port, metrics
+/// off, plus `extra` (which replace defaults of the same name).
+pub fn binary_vars(
+    pki: &Pki,
+    gateway: SocketAddr,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut v = vars(pki, gateway);
+    v.push(("RUNNEL_LISTEN".into(), "127.0.0.1:0".into()));
+    v.push(("RUNNEL_METRICS_ADDR".into(), "off".into()));
+    v.retain(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    v.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    v
+}
+
+/// Starts the runnel binary (off the runtime's threads) and waits for "listening".
+pub async fn serve_binary(
+    vars: Vec<(String, String)>,
+) -> (super::process::Runnel, super::process::Listening) {
+    tokio::task::spawn_blocking(move || {
+        let v: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        super::process::Runnel::serve(&v)
+    })
+    .await
+    .unwrap()
+}
