@@ -112,6 +112,8 @@ struct Pool {
     connecting: AtomicUsize,
     target: AtomicUsize,
     checkouts: AtomicU64,
+    /// Misses since the last estimate.
+    misses: AtomicU64,
     /// Recent connect + handshake time, in microseconds (EWMA).
     dial_micros: AtomicU64,
     /// Whether the last dial failed: failures are logged when this flips, not each
@@ -136,6 +138,7 @@ impl Pools {
                     connecting: AtomicUsize::new(0),
                     target: AtomicUsize::new(config.pool.min),
                     checkouts: AtomicU64::new(0),
+                    misses: AtomicU64::new(0),
                     dial_micros: AtomicU64::new(0),
                     failing: std::sync::atomic::AtomicBool::new(false),
                     wake: Notify::new(),
@@ -224,6 +227,14 @@ impl Pools {
             }
         }
         metrics::pool_checkout(offer.label(), false);
+        // A miss means the pool is too small now: grow at once rather than at the next
+        // estimate (a burst can be over before then).
+        pool.misses.fetch_add(1, Ordering::Relaxed);
+        let _ = pool
+            .target
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + 1).min(self.max))
+            });
         pool.wake.notify_one();
         self.connector.connect(offer).await.map(|c| (c, false))
     }
@@ -309,9 +320,16 @@ fn adapt(pools: &Pools, pool: &Pool, rate: f64) -> f64 {
     let dial = Duration::from_micros(pool.dial_micros.load(Ordering::Relaxed))
         .as_secs_f64()
         .max(0.001);
-    let wanted = pools.min + (2.0 * rate * dial).ceil() as usize;
-    pool.target
-        .store(wanted.clamp(pools.min, pools.max), Ordering::Relaxed);
+    let wanted = (pools.min + (2.0 * rate * dial).ceil() as usize).clamp(pools.min, pools.max);
+    // Grow to the estimate at once; shrink by one a tick, and not while misses happen.
+    let missed = pool.misses.swap(0, Ordering::Relaxed) > 0;
+    let current = pool.target.load(Ordering::Relaxed);
+    let next = match (wanted >= current, missed) {
+        (true, _) => wanted,
+        (false, true) => current,
+        (false, false) => (current - 1).max(wanted),
+    };
+    pool.target.store(next, Ordering::Relaxed);
     rate
 }
 

@@ -36,7 +36,10 @@ pub struct Shared {
 
 /// Serves one accepted downstream connection.
 pub async fn handle(down: TcpStream, peer: SocketAddr, id: u64, shared: Arc<Shared>) {
-    let span = tracing::info_span!(
+    // A debug span: at the default info level it is disabled and costs nothing per
+    // connection (its JSON fields would be formatted on every record otherwise); the
+    // one warning a connection can log carries its own fields.
+    let span = tracing::debug_span!(
         "conn",
         conn.id = id,
         downstream.addr = %peer,
@@ -132,7 +135,13 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
             c
         }
         Err(e) => {
-            tracing::warn!(error = %e, kind = e.kind(), upstream = %shared.config.upstream, "upstream connection failed; resetting the downstream");
+            tracing::warn!(
+                error = %e,
+                kind = e.kind(),
+                upstream = %shared.config.upstream,
+                downstream.addr = ?down.peer_addr().ok(),
+                "upstream connection failed; resetting the downstream"
+            );
             socket::abort(&down);
             let mut report = Report::ended(e.outcome());
             report.upstream_error = Some(e.kind());

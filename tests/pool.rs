@@ -155,3 +155,38 @@ async fn drain_closes_idle_pooled_connections_with_close_notify() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_grow_the_pool_at_once() {
+    let gateway = Gateway::start_with_pki(pki(), Behaviour::Echo).await;
+    let mut v = vars(gateway.pki.as_ref().unwrap(), gateway.addr);
+    v.push(("RUNNEL_POOL_MIN".into(), "1".into()));
+    v.push(("RUNNEL_POOL_MAX".into(), "8".into()));
+    v.push(("RUNNEL_ALPN".into(), "none".into()));
+    let runnel = Runnel::start(v).await;
+    runnel.wait_ready().await;
+    let burst: Vec<_> = (0..20u8)
+        .map(|i| {
+            let addr = runnel.addr;
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&[i; 100]).await.unwrap();
+                s.shutdown().await.unwrap();
+                assert_eq!(read_to_end(&mut s).await.unwrap(), vec![i; 100]);
+            })
+        })
+        .collect();
+    for t in burst {
+        tokio::time::timeout(DEADLINE, t).await.unwrap().unwrap();
+    }
+    let m = runnel.metrics().await;
+    let target: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("runnel_pool_target_connections{alpn=\"fixed\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        target >= 4.0,
+        "target {target} after a burst of 20 against a pool of 1:\n{m}"
+    );
+}
