@@ -53,6 +53,9 @@ impl Offer {
 pub struct Connected {
     pub stream: TlsStream<TcpStream>,
     pub info: HandshakeInfo,
+    /// Bytes the gateway sent before anything was asked (an HTTP/2 server may send its
+    /// SETTINGS at once); they go downstream first.
+    pub early: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -151,7 +154,11 @@ impl Connector {
             true => handles.handshake_resumed.record(handshake_time),
             false => handles.handshake_full.record(handshake_time),
         }
-        Ok(Connected { stream, info })
+        Ok(Connected {
+            stream,
+            info,
+            early: Vec::new(),
+        })
     }
 
     /// Races connection attempts across the resolved addresses in the manner of Happy

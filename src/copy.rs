@@ -81,18 +81,20 @@ impl Report {
 
 /// Copies both ways until both directions end, an error, the idle timeout or `abort`.
 ///
-/// `initial` holds downstream bytes already read (the first bytes); they go first.
+/// `initial` holds downstream bytes already read (the first bytes) and `early` upstream
+/// bytes already read (a server's preface on a pooled connection); each goes first.
 /// Consumes both streams and closes them: gracefully on a clean end, with RST otherwise.
 pub async fn run(
     mut down: TcpStream,
     mut up: TlsStream<TcpStream>,
     initial: Vec<u8>,
+    early: Vec<u8>,
     idle: Option<Duration>,
     abort: &CancellationToken,
 ) -> Report {
     let handles = Handles::get();
     let mut to_up = Half::new(initial);
-    let mut to_down = Half::new(Vec::new());
+    let mut to_down = Half::new(early);
     let mut upstream_error = None;
     let mut closed_first = None;
     let mut last_activity = Instant::now();

@@ -407,11 +407,18 @@ pub async fn admit(connected: &mut Connected) -> Result<(), Discard> {
     let deadline = tokio::time::sleep(probation);
     tokio::pin!(deadline);
     let mut byte = [0u8; 1];
+    let speaks_first = may_speak_first(connected);
     poll_fn(|cx| {
         let mut buf = ReadBuf::new(&mut byte);
         match Pin::new(&mut connected.stream).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) if buf.filled().is_empty() => {
                 return Poll::Ready(Err(Discard::Closed));
+            }
+            // An HTTP/2 server's preface: kept for the downstream, and proof enough
+            // that the gateway accepted us.
+            Poll::Ready(Ok(())) if speaks_first => {
+                connected.early.extend_from_slice(buf.filled());
+                return Poll::Ready(Ok(()));
             }
             Poll::Ready(Ok(())) => return Poll::Ready(Err(Discard::UnexpectedData)),
             Poll::Ready(Err(_)) => return Poll::Ready(Err(Discard::Rejected)),
@@ -424,6 +431,16 @@ pub async fn admit(connected: &mut Connected) -> Result<(), Discard> {
     })
     .await
 }
+
+/// An HTTP/2 server may send its SETTINGS before the client says anything; any
+/// other protocol sending first on an idle connection is unexpected.
+fn may_speak_first(connected: &Connected) -> bool {
+    connected.info.alpn.as_deref() == Some("h2")
+}
+
+/// How much a server may send before anything was asked (HTTP/2's SETTINGS frame is
+/// tens of bytes).
+const EARLY_LIMIT: usize = 16 * 1024;
 
 enum Event {
     Take(Result<oneshot::Sender<Connected>, oneshot::error::RecvError>),
@@ -457,13 +474,24 @@ async fn watch(
     // Jitter spreads retirements, so connections made together are not replaced together.
     let jitter = 0.9 + 0.2 * (connected.info.addr.port() as f64 % 97.0) / 97.0;
     let retire_at = Instant::now() + pools.max_idle.mul_f64(jitter);
-    let mut byte = [0u8; 1];
-    let event = tokio::select! {
-        t = &mut taken => Event::Take(t),
-        r = tokio::io::AsyncReadExt::read(&mut connected.stream, &mut byte) => Event::Read(r),
-        _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
-        _ = pools.stop.cancelled() => Event::Drain,
-        _ = outdated(pools.connector.reloads(), connected.info.generation, (jitter - 0.9) / 0.2) => Event::Reloaded,
+    let mut chunk = [0u8; 512];
+    let speaks_first = may_speak_first(&connected);
+    let event = loop {
+        let event = tokio::select! {
+            t = &mut taken => Event::Take(t),
+            r = tokio::io::AsyncReadExt::read(&mut connected.stream, &mut chunk) => Event::Read(r),
+            _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
+            _ = pools.stop.cancelled() => Event::Drain,
+            _ = outdated(pools.connector.reloads(), connected.info.generation, (jitter - 0.9) / 0.2) => Event::Reloaded,
+        };
+        match event {
+            Event::Read(Ok(n))
+                if n > 0 && speaks_first && connected.early.len() + n <= EARLY_LIMIT =>
+            {
+                connected.early.extend_from_slice(&chunk[..n]);
+            }
+            other => break other,
+        }
     };
     pool.idle_count.fetch_sub(1, Ordering::Relaxed);
     pool.wake.notify_one();

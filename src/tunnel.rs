@@ -161,6 +161,7 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
         down,
         connected.stream,
         initial,
+        connected.early,
         shared.config.idle_timeout,
         &shared.abort,
     )

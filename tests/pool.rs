@@ -190,3 +190,42 @@ async fn misses_grow_the_pool_at_once() {
         "target {target} after a burst of 20 against a pool of 1:\n{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_gateway_that_speaks_first_still_gets_pooled_and_its_preface_reaches_the_downstream()
+{
+    let pki = pki();
+    const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    let tls = pki.gateway_tls(&[b"h2"]).unwrap();
+    let gateway = Gateway::start(tls, Behaviour::SpeakFirstThenEcho(SETTINGS.to_vec())).await;
+    let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !runnel
+        .metrics()
+        .await
+        .contains("runnel_pool_idle_connections{alpn=\"h2\"} 2")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the h2 pool never warmed:\n{}",
+            runnel.metrics().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut s = TcpStream::connect(runnel.addr).await.unwrap();
+    let preface = runnel::detect::H2_PREFACE;
+    s.write_all(preface).await.unwrap();
+    s.shutdown().await.unwrap();
+    let got = tokio::time::timeout(DEADLINE, read_to_end(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut want = SETTINGS.to_vec();
+    want.extend_from_slice(preface);
+    assert_eq!(got, want, "the server's early bytes first, then the echo");
+    let m = runnel.metrics().await;
+    assert!(
+        m.contains("runnel_pool_checkouts_total{alpn=\"h2\",result=\"hit\"} 1"),
+        "{m}"
+    );
+}

@@ -33,6 +33,9 @@ pub enum Behaviour {
     ReplyThenTruncate(Vec<u8>),
     /// Read one chunk, then reset the TCP connection.
     ReadThenReset,
+    /// Send these bytes as soon as the handshake is done (an HTTP/2 server's SETTINGS),
+    /// then echo.
+    SpeakFirstThenEcho(Vec<u8>),
     /// The soak peer: reads a header `[n_up u32, n_down u32, upstream_first u8, seed u64]`,
     /// then either reads `n_up` bytes to EOF and answers `n_down` (the downstream closes
     /// first) or answers and half-closes first, then reads. Checks every byte against
@@ -222,6 +225,14 @@ async fn behave(
     index: usize,
     mut pokes: tokio::sync::broadcast::Receiver<Poke>,
 ) -> io::Result<()> {
+    let behaviour = match behaviour {
+        Behaviour::SpeakFirstThenEcho(first) => {
+            tls.write_all(&first).await?;
+            tls.flush().await?;
+            Behaviour::Echo
+        }
+        other => other,
+    };
     let record = |bytes: &[u8]| {
         seen.lock().unwrap()[index]
             .received
@@ -312,6 +323,7 @@ async fn behave(
             }
             Ok(())
         }
+        Behaviour::SpeakFirstThenEcho(_) => unreachable!("turned into Echo above"),
         Behaviour::ReadThenReset => {
             let n = tls.read(&mut buf).await?;
             record(&buf[..n]);
