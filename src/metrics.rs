@@ -247,6 +247,13 @@ pub struct Handles {
     wait_hit: Histogram,
     wait_miss: Histogram,
     pub first_byte: Histogram,
+    handshakes_full: Counter,
+    handshakes_resumed: Counter,
+    handshakes_failed: Counter,
+    resumption_ratio: Gauge,
+    /// [alpn]
+    pool_idle: Vec<Gauge>,
+    pool_target: Vec<Gauge>,
     durations: Vec<(Outcome, Histogram)>,
 }
 
@@ -273,6 +280,12 @@ impl Handles {
             wait_hit: metrics::histogram!(UPSTREAM_WAIT, "pool" => "hit"),
             wait_miss: metrics::histogram!(UPSTREAM_WAIT, "pool" => "miss"),
             first_byte: metrics::histogram!(FIRST_BYTE),
+            handshakes_full: metrics::counter!(HANDSHAKES, "kind" => "full", "result" => "ok"),
+            handshakes_resumed: metrics::counter!(HANDSHAKES, "kind" => "resumed", "result" => "ok"),
+            handshakes_failed: metrics::counter!(HANDSHAKES, "kind" => "none", "result" => "error"),
+            resumption_ratio: metrics::gauge!(RESUMPTION_RATIO),
+            pool_idle: ALPN_LABELS.iter().map(|a| metrics::gauge!(POOL_IDLE, "alpn" => *a)).collect(),
+            pool_target: ALPN_LABELS.iter().map(|a| metrics::gauge!(POOL_TARGET, "alpn" => *a)).collect(),
             durations: Outcome::ALL
                 .iter()
                 .map(|o| {
@@ -309,8 +322,16 @@ impl Handles {
 pub fn handshake(kind: &'static str, ok: bool) {
     static FULL: AtomicU64 = AtomicU64::new(0);
     static RESUMED: AtomicU64 = AtomicU64::new(0);
-    metrics::counter!(HANDSHAKES, "kind" => kind, "result" => if ok { "ok" } else { "error" })
-        .increment(1);
+    let h = Handles::get();
+    match (kind, ok) {
+        ("full", true) => h.handshakes_full.increment(1),
+        ("resumed", true) => h.handshakes_resumed.increment(1),
+        ("none", false) => h.handshakes_failed.increment(1),
+        (kind, ok) => {
+            metrics::counter!(HANDSHAKES, "kind" => kind, "result" => if ok { "ok" } else { "error" })
+                .increment(1)
+        }
+    }
     if ok {
         let counter = if kind == "resumed" { &RESUMED } else { &FULL };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +339,8 @@ pub fn handshake(kind: &'static str, ok: bool) {
             FULL.load(Ordering::Relaxed),
             RESUMED.load(Ordering::Relaxed),
         );
-        metrics::gauge!(RESUMPTION_RATIO).set(resumed as f64 / (full + resumed).max(1) as f64);
+        h.resumption_ratio
+            .set(resumed as f64 / (full + resumed).max(1) as f64);
     }
 }
 
@@ -354,8 +376,10 @@ pub fn pool_discard(reason: &'static str) {
 }
 
 pub fn pool_gauges(alpn: &'static str, idle: usize, target: usize) {
-    metrics::gauge!(POOL_IDLE, "alpn" => alpn).set(idle as f64);
-    metrics::gauge!(POOL_TARGET, "alpn" => alpn).set(target as f64);
+    let h = Handles::get();
+    let i = ALPN_LABELS.iter().position(|a| *a == alpn).unwrap_or(0);
+    h.pool_idle[i].set(idle as f64);
+    h.pool_target[i].set(target as f64);
 }
 
 /// The values the `alpn` label takes.

@@ -4,14 +4,7 @@
 //! Invariant: configs are built once at start-up and share one session store, so
 //! resumption state survives across connections; nothing here runs per connection.
 
-use std::{
-    path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::SystemTime,
-};
+use std::{path::PathBuf, sync::Arc, time::SystemTime};
 
 use rustls::{
     ClientConfig, NamedGroup, RootCertStore,
@@ -250,7 +243,6 @@ pub struct TicketStore {
             std::collections::VecDeque<Tls13ClientSessionValue>,
         >,
     >,
-    tickets: AtomicUsize,
 }
 
 impl std::fmt::Debug for TicketStore {
@@ -267,13 +259,16 @@ impl TicketStore {
         TicketStore {
             inner: ClientSessionMemoryCache::new(SESSION_CACHE_SIZE),
             tls13: std::sync::Mutex::new(std::collections::HashMap::new()),
-            tickets: AtomicUsize::new(0),
         }
     }
 
-    /// TLS 1.3 tickets held (runnel talks to one server name, so this is per server).
+    /// TLS 1.3 tickets held for the server with the most (runnel talks to one name).
     pub fn tickets(&self) -> usize {
-        self.tickets.load(Ordering::Relaxed)
+        let all = self.tls13.lock().unwrap_or_else(|p| p.into_inner());
+        all.values()
+            .map(std::collections::VecDeque::len)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -307,13 +302,6 @@ impl ClientSessionStore for TicketStore {
             tickets.pop_front(); // the oldest goes first
         }
         tickets.push_back(value);
-        self.tickets.store(
-            all.values()
-                .map(std::collections::VecDeque::len)
-                .max()
-                .unwrap_or(0),
-            Ordering::Relaxed,
-        );
     }
     fn take_tls13_ticket(
         &self,
@@ -321,17 +309,8 @@ impl ClientSessionStore for TicketStore {
     ) -> Option<Tls13ClientSessionValue> {
         let mut all = self.tls13.lock().unwrap_or_else(|p| p.into_inner());
         // The freshest ticket: least likely to have expired at the gateway.
-        let taken = all
-            .get_mut(server_name)
-            .and_then(std::collections::VecDeque::pop_back);
-        self.tickets.store(
-            all.values()
-                .map(std::collections::VecDeque::len)
-                .max()
-                .unwrap_or(0),
-            Ordering::Relaxed,
-        );
-        taken
+        all.get_mut(server_name)
+            .and_then(std::collections::VecDeque::pop_back)
     }
 }
 

@@ -139,7 +139,7 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
                 error = %e,
                 kind = e.kind(),
                 upstream = %shared.config.upstream,
-                downstream.addr = ?down.peer_addr().ok(),
+                downstream.addr = %down.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
                 "upstream connection failed; resetting the downstream"
             );
             socket::abort(&down);

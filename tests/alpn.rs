@@ -3,8 +3,7 @@
 mod support;
 
 use runnel::detect::H2_PREFACE;
-use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use support::gateway::{Behaviour, Gateway, Runnel, exchange, pki, vars};
 
 async fn alpn_seen_for(
     first_bytes: &[u8],
@@ -20,12 +19,8 @@ async fn alpn_seen_for(
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let runnel = Runnel::start(v).await;
-    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-    stream.write_all(first_bytes).await.unwrap();
-    stream.shutdown().await.unwrap();
-    let echoed = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+    let echoed = exchange(runnel.addr, first_bytes)
         .await
-        .unwrap()
         .unwrap_or_else(|(_, b)| b);
     (
         gateway.data_conns().first().and_then(|s| s.alpn.clone()),
@@ -72,13 +67,7 @@ async fn sni_is_the_configured_server_name() {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let runnel = Runnel::start(vars(&pki, gateway.addr)).await;
-    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-    stream.write_all(b"x").await.unwrap();
-    stream.shutdown().await.unwrap();
-    tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
-        .await
-        .unwrap()
-        .unwrap();
+    exchange(runnel.addr, b"x").await.unwrap();
     assert_eq!(
         gateway.seen()[0].sni.as_deref(),
         Some(runnel::demo::GATEWAY_NAME)
@@ -95,12 +84,8 @@ async fn without_a_pool_the_second_connection_resumes_the_tls_session() {
     let runnel = Runnel::start(v).await;
     runnel.wait_ready().await;
     for _ in 0..3 {
-        let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        stream.shutdown().await.unwrap();
-        tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        exchange(runnel.addr, b"GET / HTTP/1.1\r\n\r\n")
             .await
-            .unwrap()
             .unwrap();
     }
     // The first handshake (start-up's reachability check) is full; every later one resumes.

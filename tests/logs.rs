@@ -121,17 +121,9 @@ async fn a_refused_reload_is_logged_once_however_often_it_is_retried() {
     let dir = TempDir::new("logs-reload");
     pki.write_to(dir.path()).unwrap();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
-    let mut vars: Vec<(String, String)> = base(&pki, gateway.addr)
-        .into_iter()
-        .filter(|(k, _)| !k.starts_with("RUNNEL_TLS_"))
-        .collect();
-    for (k, f) in [
-        ("RUNNEL_TLS_CA_FILE", "ca.pem"),
-        ("RUNNEL_TLS_CERT_FILE", "client.pem"),
-        ("RUNNEL_TLS_KEY_FILE", "client-key.pem"),
-    ] {
-        vars.push((k.into(), dir.path().join(f).display().to_string()));
-    }
+    let mut vars = support::gateway::file_vars(dir.path(), gateway.addr);
+    vars.push(("RUNNEL_LISTEN".into(), "127.0.0.1:0".into()));
+    vars.push(("RUNNEL_METRICS_ADDR".into(), "127.0.0.1:0".into()));
     vars.push(("RUNNEL_TLS_RELOAD_INTERVAL".into(), "50ms".into()));
     let (runnel, listening) = serve(vars).await;
     let other = pki.issue_client("other", None).unwrap();

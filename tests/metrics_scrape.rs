@@ -2,20 +2,15 @@
 
 mod support;
 
-use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, exchange, pki, vars};
 
 #[tokio::test]
 async fn every_catalogue_metric_appears_in_metrics_after_a_workload() {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let mut runnel = Runnel::start(vars(&pki, gateway.addr)).await;
-    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-    stream.shutdown().await.unwrap();
-    tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+    exchange(runnel.addr, b"GET / HTTP/1.1\r\n\r\n")
         .await
-        .unwrap()
         .unwrap();
     let text = runnel.metrics().await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");

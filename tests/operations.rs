@@ -40,26 +40,8 @@ fn write_files(dir: &Path, pki: &Pki, client: &Leaf) {
 }
 
 fn file_vars(dir: &Path, gateway: SocketAddr, extra: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = [
-        ("RUNNEL_UPSTREAM", gateway.to_string()),
-        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
-        (
-            "RUNNEL_TLS_CA_FILE",
-            dir.join("ca.pem").display().to_string(),
-        ),
-        (
-            "RUNNEL_TLS_CERT_FILE",
-            dir.join("client.pem").display().to_string(),
-        ),
-        (
-            "RUNNEL_TLS_KEY_FILE",
-            dir.join("client-key.pem").display().to_string(),
-        ),
-        ("RUNNEL_TLS_RELOAD_INTERVAL", "100ms".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut v = support::gateway::file_vars(dir, gateway);
+    v.push(("RUNNEL_TLS_RELOAD_INTERVAL".into(), "100ms".into()));
     v.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     v
 }

@@ -4,7 +4,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::gateway::{Behaviour, DEADLINE, Gateway, Poke, Runnel, pki, read_to_end, vars};
+use support::gateway::{
+    Behaviour, DEADLINE, Gateway, Poke, Runnel, exchange, pki, read_to_end, vars,
+};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 /// Polls `check` until it holds, with the suite's deadline.
@@ -20,14 +22,7 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 async fn echo_once(runnel: &Runnel, bytes: &[u8]) {
-    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-    stream.write_all(bytes).await.unwrap();
-    stream.shutdown().await.unwrap();
-    let got = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(got, bytes);
+    assert_eq!(exchange(runnel.addr, bytes).await.unwrap(), bytes);
 }
 
 async fn pooled(gateway: &Gateway, min: usize) -> Runnel {

@@ -109,27 +109,10 @@ async fn a_tls_1_1_gateway_is_refused_and_gets_no_bytes() {
 }
 
 fn file_vars(dir: &std::path::Path) -> Vec<(String, String)> {
-    [
-        ("RUNNEL_UPSTREAM", "127.0.0.1:9".to_owned()),
-        ("RUNNEL_SERVER_NAME", "gateway.runnel.test".to_owned()),
-        (
-            "RUNNEL_TLS_CA_FILE",
-            dir.join("ca.pem").display().to_string(),
-        ),
-        (
-            "RUNNEL_TLS_CERT_FILE",
-            dir.join("client.pem").display().to_string(),
-        ),
-        (
-            "RUNNEL_TLS_KEY_FILE",
-            dir.join("client-key.pem").display().to_string(),
-        ),
-        ("RUNNEL_LISTEN", "127.0.0.1:0".to_owned()),
-        ("RUNNEL_METRICS_ADDR", "off".to_owned()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    let mut v = support::gateway::file_vars(dir, "127.0.0.1:9".parse().unwrap());
+    v.push(("RUNNEL_LISTEN".into(), "127.0.0.1:0".into()));
+    v.push(("RUNNEL_METRICS_ADDR".into(), "off".into()));
+    v
 }
 
 fn start_and_stop(vars: &[(String, String)]) -> Vec<String> {

@@ -4,7 +4,7 @@
 mod support;
 
 use runnel::demo::Pki;
-use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
+use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, exchange, pki, read_to_end, vars};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-5f2c";
@@ -95,15 +95,6 @@ async fn a_downstream_that_sends_nothing_opens_no_upstream_connection() {
         assert_eq!(read_to_end(&mut probe).await.unwrap(), b"");
     }
     // A real connection afterwards is the first the gateway sees.
-    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-    stream.write_all(b"x").await.unwrap();
-    stream.shutdown().await.unwrap();
-    assert_eq!(
-        tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
-            .await
-            .unwrap()
-            .unwrap(),
-        b"x"
-    );
+    assert_eq!(exchange(runnel.addr, b"x").await.unwrap(), b"x");
     assert_eq!(*gateway.accepted.lock().unwrap(), before + 1);
 }

@@ -2,8 +2,7 @@
 
 mod support;
 
-use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use support::gateway::{Behaviour, Gateway, Runnel, exchange, pki, vars};
 
 #[tokio::test]
 async fn dns_named_upstream_is_resolved_and_used_as_the_server_name() {
@@ -21,16 +20,7 @@ async fn dns_named_upstream_is_resolved_and_used_as_the_server_name() {
     ));
     let runnel = Runnel::start(v).await;
     for _ in 0..3 {
-        let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
-        stream.write_all(b"ping").await.unwrap();
-        stream.shutdown().await.unwrap();
-        assert_eq!(
-            tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
-                .await
-                .unwrap()
-                .unwrap(),
-            b"ping"
-        );
+        assert_eq!(exchange(runnel.addr, b"ping").await.unwrap(), b"ping");
     }
     assert_eq!(gateway.seen()[0].sni.as_deref(), Some("localhost"));
 }

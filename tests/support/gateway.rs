@@ -436,39 +436,29 @@ impl Runnel {
 
     /// Whether `/readyz` answers 200 now.
     pub async fn ready(&self) -> bool {
-        let mut s = TcpStream::connect(self.admin).await.unwrap();
-        s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out.starts_with("HTTP/1.1 200")
+        self.admin_get("/readyz").await.starts_with("HTTP/1.1 200")
     }
 
     /// Polls `/readyz` until it answers 200 (the pool is warm or the gateway was reached).
     pub async fn wait_ready(&self) {
         let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            let mut s = TcpStream::connect(self.admin).await.unwrap();
-            s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
+        while !self.ready().await {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "runnel never became ready: {out}"
+                "runnel never became ready"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
+    /// The whole `/metrics` response, status line included.
     pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await
+    }
+
+    async fn admin_get(&self, path: &str) -> String {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
             .await
             .unwrap();
         let mut out = String::new();
@@ -529,4 +519,39 @@ pub async fn serve_binary(
     })
     .await
     .unwrap()
+}
+
+/// One exchange through runnel: connect, send `bytes`, half-close, read to the end
+/// (within the suite's deadline). `Err` carries the error kind (a reset) and what came.
+pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, (io::ErrorKind, Vec<u8>)> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    stream.shutdown().await.unwrap();
+    tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .expect("no end within the deadline")
+}
+
+/// Variables pointing runnel at `gateway` with CA, certificate and key as files in
+/// `dir` (`ca.pem`, `client.pem`, `client-key.pem`, as `Pki::write_to` names them).
+pub fn file_vars(dir: &std::path::Path, gateway: SocketAddr) -> Vec<(String, String)> {
+    [
+        ("RUNNEL_UPSTREAM", gateway.to_string()),
+        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
+        (
+            "RUNNEL_TLS_CA_FILE",
+            dir.join("ca.pem").display().to_string(),
+        ),
+        (
+            "RUNNEL_TLS_CERT_FILE",
+            dir.join("client.pem").display().to_string(),
+        ),
+        (
+            "RUNNEL_TLS_KEY_FILE",
+            dir.join("client-key.pem").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
 }
