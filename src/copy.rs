@@ -84,6 +84,7 @@ impl Report {
 /// `initial` holds downstream bytes already read (the first bytes) and `early` upstream
 /// bytes already read (a server's preface on a pooled connection); each goes first.
 /// Consumes both streams and closes them: gracefully on a clean end, with RST otherwise.
+/// `on_reply` runs once, when the first upstream byte reaches the downstream.
 pub async fn run(
     mut down: TcpStream,
     mut up: TlsStream<TcpStream>,
@@ -91,6 +92,7 @@ pub async fn run(
     early: Vec<u8>,
     idle: Option<Duration>,
     abort: &CancellationToken,
+    on_reply: impl FnOnce(),
 ) -> Report {
     let handles = Handles::get();
     let mut to_up = Half::new(initial);
@@ -102,6 +104,7 @@ pub async fn run(
     tokio::pin!(idle_sleep);
     let aborted = abort.cancelled();
     tokio::pin!(aborted);
+    let mut on_reply = Some(on_reply);
 
     let outcome = poll_fn(|cx| {
         if aborted.as_mut().poll(cx).is_ready() {
@@ -145,6 +148,11 @@ pub async fn run(
                     return Poll::Ready(e.outcome(Side::Upstream));
                 }
                 Poll::Pending => {}
+            }
+            if to_down.bytes > 0
+                && let Some(f) = on_reply.take()
+            {
+                f();
             }
         }
         if to_up.done && to_down.done {

@@ -164,11 +164,10 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
         connected.early,
         shared.config.idle_timeout,
         &shared.abort,
+        // The gateway answered: readiness holds from now, not from the end of the stream.
+        || shared.pools.mark_accepted(),
     )
     .await;
-    if report.to_downstream > 0 {
-        shared.pools.mark_accepted();
-    }
     (report, Some(info))
 }
 
