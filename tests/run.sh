@@ -65,6 +65,9 @@ command -v sha256sum >/dev/null || debian+=(coreutils)
 command -v python3 >/dev/null || debian+=(python3)
 # promtool checks the dashboard's PromQL and unit-tests the alert rules.
 command -v promtool >/dev/null || debian+=(prometheus)
+# The lossy-network test builds a namespace (ip) with NFQUEUE delay and random drops.
+command -v ip >/dev/null || debian+=(iproute2)
+command -v iptables >/dev/null || debian+=(iptables)
 # openssl s_server plays a TLS 1.1-only gateway.
 command -v openssl >/dev/null || debian+=(openssl)
 if ((${#debian[@]})); then

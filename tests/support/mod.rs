@@ -2,4 +2,5 @@
 
 pub mod envoy;
 pub mod gateway;
+pub mod netns;
 pub mod process;
