@@ -16,6 +16,11 @@ use std::{
 use rustls::{ClientConfig, HandshakeKind, pki_types::ServerName};
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use crate::readahead::ReadAhead;
+
+/// An upstream connection: TLS over the read-ahead socket.
+pub type Upstream = TlsStream<ReadAhead>;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -51,7 +56,7 @@ impl Offer {
 
 /// A TLS stream to the upstream and what its handshake negotiated.
 pub struct Connected {
-    pub stream: TlsStream<TcpStream>,
+    pub stream: Upstream,
     pub info: HandshakeInfo,
     /// Bytes the gateway sent before anything was asked (an HTTP/2 server may send its
     /// SETTINGS at once); they go downstream first.
@@ -134,7 +139,7 @@ impl Connector {
         };
         let handshake_started = Instant::now();
         let stream = match TlsConnector::from(tls.clone())
-            .connect(self.server_name.clone(), tcp)
+            .connect(self.server_name.clone(), ReadAhead::new(tcp))
             .await
         {
             Ok(s) => s,
@@ -308,7 +313,7 @@ impl Connector {
 }
 
 fn handshake_info(
-    stream: &TlsStream<TcpStream>,
+    stream: &Upstream,
     addr: SocketAddr,
     connect_time: Duration,
     handshake_time: Duration,

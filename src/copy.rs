@@ -10,6 +10,7 @@
 //! mistake for a complete response.
 
 use std::{
+    cell::RefCell,
     future::poll_fn,
     io,
     pin::Pin,
@@ -22,12 +23,11 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
-use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::{error::Outcome, metrics::Handles, socket};
+use crate::{connect::Upstream, error::Outcome, metrics::Handles, socket};
 
-/// A first read's buffer: one TLS record's worth of plaintext.
+/// A first read's size: one TLS record's worth of plaintext.
 const SMALL_BUF: usize = 16 * 1024;
 /// Once a read fills the small buffer, the stream is busy: read in larger gulps, so
 /// rustls can emit several records in one vectored write.
@@ -87,7 +87,7 @@ impl Report {
 /// `on_reply` runs once, when the first upstream byte reaches the downstream.
 pub async fn run(
     mut down: TcpStream,
-    mut up: TlsStream<TcpStream>,
+    mut up: Upstream,
     initial: Vec<u8>,
     early: Vec<u8>,
     idle: Option<Duration>,
@@ -178,7 +178,7 @@ pub async fn run(
         Outcome::IdleTimeout => close_gracefully(&mut down, &mut up).await,
         _ => {
             socket::abort(&down);
-            socket::abort(up.get_ref().0);
+            socket::abort(up.get_ref().0.tcp());
         }
     }
     report
@@ -205,7 +205,7 @@ fn poll_idle(
     }
 }
 
-async fn close_gracefully(down: &mut TcpStream, up: &mut TlsStream<TcpStream>) {
+async fn close_gracefully(down: &mut TcpStream, up: &mut Upstream) {
     use tokio::io::AsyncWriteExt;
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
         let _ = up.shutdown().await;
@@ -238,19 +238,36 @@ impl HalfError {
     }
 }
 
-/// One direction: reader -> buffer -> writer, then shutdown of the writer on EOF.
+thread_local! {
+    /// Each worker thread's read buffer, shared by every connection it polls: bytes are
+    /// read into it and written on at once, so a connection owns a buffer only for
+    /// bytes its writer could not take yet.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One direction: reader -> scratch buffer -> writer, then shutdown of the writer on EOF.
 struct Half {
-    /// Held only while bytes are in flight; dropped when the reader has nothing, so an
-    /// idle connection holds no copy buffers. Bytes `start..end` are still to write.
+    /// Bytes `start..end` read but not yet written: the first bytes handed in, or the
+    /// rest of a read the writer did not take. `None` otherwise, so an idle connection
+    /// holds no copy buffer.
     buf: Option<Vec<u8>>,
     start: usize,
     end: usize,
+    /// How much one read asks for: `SMALL_BUF`, or `LARGE_BUF` once a read filled it.
     size: usize,
     read_eof: bool,
     need_flush: bool,
     done: bool,
     bytes: u64,
     first_write: Option<tokio::time::Instant>,
+}
+
+/// What a read-and-write step left to do.
+enum Step {
+    /// Bytes moved: read again.
+    Again,
+    /// The reader had nothing.
+    ReadPending,
 }
 
 impl Half {
@@ -270,6 +287,16 @@ impl Half {
         }
     }
 
+    /// Counts `n` bytes written.
+    fn wrote(&mut self, n: usize, counter: &metrics::Counter, active: &mut bool) {
+        self.bytes += n as u64;
+        self.first_write
+            .get_or_insert_with(tokio::time::Instant::now);
+        counter.increment(n as u64);
+        self.need_flush = true;
+        *active = true;
+    }
+
     fn poll<R, W>(
         &mut self,
         cx: &mut Context<'_>,
@@ -283,57 +310,103 @@ impl Half {
         W: AsyncWrite + ?Sized,
     {
         loop {
-            if let Some(buf) = &self.buf {
+            if let Some(buf) = self.buf.take() {
                 while self.start < self.end {
-                    let n = ready!(writer.as_mut().poll_write(cx, &buf[self.start..self.end]))
-                        .map_err(|_| HalfError::Write)?;
-                    if n == 0 {
+                    let written = match writer.as_mut().poll_write(cx, &buf[self.start..self.end]) {
+                        Poll::Pending => {
+                            self.buf = Some(buf);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(r) => r.map_err(|_| HalfError::Write)?,
+                    };
+                    if written == 0 {
                         return Poll::Ready(Err(HalfError::Write));
                     }
-                    self.start += n;
-                    self.bytes += n as u64;
-                    self.first_write
-                        .get_or_insert_with(tokio::time::Instant::now);
-                    counter.increment(n as u64);
-                    self.need_flush = true;
-                    *active = true;
+                    self.start += written;
+                    self.wrote(written, counter, active);
                 }
             }
             if self.read_eof {
-                self.buf = None;
                 ready!(writer.as_mut().poll_flush(cx)).map_err(|_| HalfError::Write)?;
                 ready!(writer.as_mut().poll_shutdown(cx)).map_err(|_| HalfError::Write)?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
-            let size = self.size;
-            let buf = match &mut self.buf {
-                Some(buf) if buf.len() >= size => buf,
-                slot => slot.insert(vec![0; size]),
-            };
-            let mut read_buf = ReadBuf::new(buf);
-            match reader.as_mut().poll_read(cx, &mut read_buf) {
-                Poll::Pending => {
-                    // Nothing to read: hold no buffer while idle, and push out what was written.
-                    self.buf = None;
+            let step = SCRATCH.with_borrow_mut(|scratch| {
+                self.read_and_write(
+                    scratch,
+                    cx,
+                    reader.as_mut(),
+                    writer.as_mut(),
+                    counter,
+                    active,
+                )
+            });
+            match ready!(step)? {
+                Step::Again => {}
+                Step::ReadPending => {
+                    // Nothing to read: push out what was written.
                     if self.need_flush {
                         ready!(writer.as_mut().poll_flush(cx)).map_err(|_| HalfError::Write)?;
                         self.need_flush = false;
                     }
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
-                Poll::Ready(Ok(())) => {
-                    let n = read_buf.filled().len();
-                    *active = true;
-                    if n == 0 {
-                        self.read_eof = true;
-                    } else if n == size {
-                        self.size = LARGE_BUF;
-                    }
-                    (self.start, self.end) = (0, n);
+            }
+        }
+    }
+
+    /// One read into `scratch`, written on at once; what the writer does not take is
+    /// copied into the half's own buffer (and `Pending` returned: the writer will wake).
+    fn read_and_write<R, W>(
+        &mut self,
+        scratch: &mut Vec<u8>,
+        cx: &mut Context<'_>,
+        reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        counter: &metrics::Counter,
+        active: &mut bool,
+    ) -> Poll<Result<Step, HalfError>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        let size = self.size;
+        if scratch.len() < size {
+            scratch.resize(size, 0);
+        }
+        let mut read_buf = ReadBuf::new(&mut scratch[..size]);
+        match reader.poll_read(cx, &mut read_buf) {
+            Poll::Pending => return Poll::Ready(Ok(Step::ReadPending)),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = read_buf.filled().len();
+        *active = true;
+        if n == 0 {
+            self.read_eof = true;
+            return Poll::Ready(Ok(Step::Again));
+        }
+        if n == size {
+            self.size = LARGE_BUF;
+        }
+        let mut off = 0;
+        while off < n {
+            match writer.as_mut().poll_write(cx, &scratch[off..n]) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Err(HalfError::Write));
+                }
+                Poll::Ready(Ok(written)) => {
+                    off += written;
+                    self.wrote(written, counter, active);
+                }
+                Poll::Pending => {
+                    self.buf = Some(scratch[off..n].to_vec());
+                    (self.start, self.end) = (0, n - off);
+                    return Poll::Pending;
                 }
             }
         }
+        Poll::Ready(Ok(Step::Again))
     }
 }

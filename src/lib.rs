@@ -13,6 +13,7 @@
 //! - `tls`: CA, client identity and one `ClientConfig` per ALPN offer, built once.
 //! - `connect`: TCP connect and TLS handshake under one deadline; `dns` resolves.
 //! - `detect`: the first downstream bytes and the ALPN offer they imply.
+//! - `readahead`: the upstream socket under rustls, reading in large gulps when busy.
 //! - `copy`: the two-way copy with half-close, truncation and reset handling.
 //! - `tunnel`: one downstream connection end to end, one span, one outcome.
 //! - `server`: the accept loop with permits and backoff.
@@ -35,6 +36,7 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod readahead;
 pub mod reload;
 pub mod server;
 pub mod socket;
