@@ -10,7 +10,7 @@
 #   --keep-work   keep the work directory (configs, logs, PKI) after the run
 # Environment: BENCH_WORK (work dir, default /tmp/runnel-bench), BENCH_PORT_BASE
 # (default 18400; ports BASE..BASE+39 on 127.0.0.1), RUNNEL_BIN_PATH (default
-# target/release/runnel; built with `cargo build --release` when missing).
+# target/release/runnel, built first with `cargo build --release` as the Dockerfile does).
 # See bench/README.md for what is measured and how to read the results.
 set -Eeuo pipefail
 
@@ -82,6 +82,11 @@ export WORK BODY_TEMP BACKEND_PORT BACKEND_H2_PORT GW_TLS_PORT GW_TLS_DELAY_PORT
 
 STAMP=$(date -u +%Y-%m-%dT%H%MZ)
 ((QUICK)) && STAMP+=-quick
+# Two runs in one minute must not share a records file: the second would be merged in.
+if [[ -e $REPO_DIR/bench/results/$STAMP.json || -e $WORK/out/$STAMP ]]; then
+    STAMP=$(date -u +%Y-%m-%dT%H%M%SZ)
+    ((QUICK)) && STAMP+=-quick
+fi
 RUN_DIR=$WORK/out/$STAMP
 RECORDS=$RUN_DIR/records.jsonl
 
@@ -107,9 +112,11 @@ done
 need_tools
 if [[ " ${TUNNELS[*]} " == *" runnel "* ]]; then
     RUNNEL_BIN=${RUNNEL_BIN_PATH:-$REPO_DIR/target/release/runnel}
-    if [[ ! -x $RUNNEL_BIN ]]; then
+    if [[ -z ${RUNNEL_BIN_PATH:-} ]]; then
+        # As the Dockerfile builds it (no aws-lc CPU jitter entropy); a no-op when fresh.
         log "building runnel (cargo build --release)"
-        (cd "$REPO_DIR" && cargo build --release) >>"$WORK/logs/cargo.log" 2>&1 \
+        (cd "$REPO_DIR" && AWS_LC_SYS_NO_JITTER_ENTROPY=1 cargo build --release) \
+            >>"$WORK/logs/cargo.log" 2>&1 \
             || die "cargo build --release failed (see $WORK/logs/cargo.log)"
     fi
     [[ -x $RUNNEL_BIN ]] || die "no runnel binary at $RUNNEL_BIN"
