@@ -362,7 +362,7 @@ impl Config {
             }
         }
         let log_filter = env.parse_or("RUNNEL_LOG", "info".to_owned(), |s| {
-            tracing_subscriber::EnvFilter::try_new(s)
+            crate::logging::parse_filter(s)
                 .map(|_| s.to_owned())
                 .map_err(|e| format!("invalid filter: {e}"))
         })?;

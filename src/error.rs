@@ -7,9 +7,10 @@ use std::{borrow::Cow, io};
 
 /// An operator error found at start-up: the variable at fault and why.
 ///
-/// Displayed as the one line runnel prints before exiting with code 64.
+/// Displayed as the one line runnel prints before exiting with code 64: control
+/// characters in the name or reason (an operator's value, a variable's name) are escaped.
 #[derive(Debug, thiserror::Error)]
-#[error("{var}: {reason}")]
+#[error("{}: {}", one_line(var), one_line(reason))]
 pub struct ConfigError {
     pub var: Cow<'static, str>,
     pub reason: String,
@@ -21,6 +22,22 @@ impl ConfigError {
             var: var.into(),
             reason: reason.into(),
         }
+    }
+}
+
+/// `text` with control characters escaped (`\n`, `\u{1b}`), so it stays one line.
+fn one_line(text: &str) -> Cow<'_, str> {
+    if text.chars().any(char::is_control) {
+        Cow::Owned(
+            text.chars()
+                .map(|c| match c.is_control() {
+                    true => c.escape_default().to_string(),
+                    false => c.to_string(),
+                })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(text)
     }
 }
 
@@ -163,5 +180,18 @@ impl Outcome {
     /// Whether the downstream saw a clean end (FIN) rather than a reset.
     pub fn is_clean(self) -> bool {
         matches!(self, Self::Clean | Self::NoData | Self::IdleTimeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_error_is_one_line_whatever_the_name_holds() {
+        let e = ConfigError::new("RUNNEL_X\nY".to_owned(), "unknown variable\r\u{1b}[2J");
+        let shown = e.to_string();
+        assert_eq!(shown, "RUNNEL_X\\nY: unknown variable\\r\\u{1b}[2J");
+        assert_eq!(shown.lines().count(), 1);
     }
 }

@@ -18,9 +18,16 @@ use tracing_subscriber::{
 
 use crate::{config::LogFormat, tls};
 
+/// Parses a `RUNNEL_LOG` filter. Field values match literally, not as regular
+/// expressions: a pattern like `[{a=.*a.........}]` would otherwise compile to an
+/// automaton that takes seconds and gigabytes at start-up.
+pub fn parse_filter(filter: &str) -> Result<EnvFilter, tracing_subscriber::filter::ParseError> {
+    EnvFilter::builder().with_regex(false).parse(filter)
+}
+
 /// Installs the global subscriber. Safe to call more than once (later calls do nothing).
 pub fn init(filter: &str, format: LogFormat, access_log: bool) {
-    let mut filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = parse_filter(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     if access_log {
         // The access log is on whatever RUNNEL_LOG says about the rest.
         if let Ok(directive) = format!("{}=info", crate::tunnel::ACCESS_LOG_TARGET).parse() {
@@ -122,5 +129,19 @@ impl tracing::field::Visit for Visitor<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.0
             .insert(field.name().into(), format!("{value:?}").into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_field_values_are_literal_not_regular_expressions() {
+        // As a regular expression this takes minutes and gigabytes to compile.
+        let bomb = format!("[{{a=.*a{}}}]", ".".repeat(24));
+        assert!(parse_filter(&bomb).is_ok());
+        assert!(parse_filter("runnel=debug,warn").is_ok());
+        assert!(parse_filter("runnel=loud").is_err());
     }
 }
