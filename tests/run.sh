@@ -10,8 +10,10 @@
 # 2. Exports where they are: TEST_ENVOY_BIN, TEST_CURL_BIN, TEST_NGHTTP_BIN, TEST_PYTHON,
 #    HADOLINT. Never RUNNEL_*: runnel rejects unknown RUNNEL_* variables, and the tests
 #    start it with a cleared environment anyway.
-# 3. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo nextest run (no
-#    retries: a flaky test is a failing test).
+# 3. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo deny (licenses,
+#    bans, sources; offline), the benchmark smoke run, a bounded fuzz run
+#    (tests/fuzz/run.sh), then cargo nextest run (no retries: a flaky test is a
+#    failing test).
 #
 # With CI=true (as .ci/run runs it) a peer that cannot be installed stops the run here,
 # and a test that finds a peer missing fails; without CI such a test prints a loud note
@@ -199,6 +201,10 @@ fi
 # Benchmark smoke step: the real harness, runnel alone, one short round (it builds
 # target/release/runnel when missing and installs its own tools).
 step bash bench/run.sh --only runnel --quick
+
+# Fuzzing, bounded: every cargo-fuzz target (tests/fuzz/) for FUZZ_SECONDS (20) each,
+# on stable Rust; a crash, hang or runaway memory fails the step.
+step bash tests/fuzz/run.sh
 
 # Last, and nothing printed after it on success: CI reads the runner's closing lines.
 log "cargo nextest run --retries 0 --no-fail-fast"
