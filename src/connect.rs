@@ -56,7 +56,9 @@ impl Offer {
 
 /// A TLS stream to the upstream and what its handshake negotiated.
 pub struct Connected {
-    pub stream: Upstream,
+    /// Boxed: a TLS stream is over 1 KiB, and a connection's task would otherwise hold
+    /// it at every await point it passes through (arguments and locals alike).
+    pub stream: Box<Upstream>,
     pub info: HandshakeInfo,
     /// Bytes the gateway sent before anything was asked (an HTTP/2 server may send its
     /// SETTINGS at once); they go downstream first.
@@ -160,7 +162,7 @@ impl Connector {
             false => handles.handshake_full.record(handshake_time),
         }
         Ok(Connected {
-            stream,
+            stream: Box::new(stream),
             info,
             early: Vec::new(),
         })

@@ -87,7 +87,7 @@ impl Report {
 /// `on_reply` runs once, when the first upstream byte reaches the downstream.
 pub async fn run(
     mut down: TcpStream,
-    mut up: Upstream,
+    mut up: Box<Upstream>,
     initial: Vec<u8>,
     early: Vec<u8>,
     idle: Option<Duration>,
