@@ -52,6 +52,8 @@ const ADAPT_EVERY: Duration = Duration::from_secs(1);
 const PROBATION_HANDSHAKES: u32 = 3;
 const PROBATION_MIN: Duration = Duration::from_millis(20);
 const PROBATION_MAX: Duration = Duration::from_secs(2);
+/// The least a resumed connection waits for new tickets before it is admitted anyway.
+const RESUMED_WAIT_MIN: Duration = Duration::from_millis(1);
 
 /// Why a pooled connection was discarded (metric label).
 #[derive(Debug, Clone, Copy)]
@@ -402,8 +404,19 @@ pub async fn admit(connected: &mut Connected) -> Result<(), Discard> {
         // TLS 1.2: the gateway's Finished came after it verified our certificate.
         return Ok(());
     }
-    let probation =
-        (connected.info.handshake_time * PROBATION_HANDSHAKES).clamp(PROBATION_MIN, PROBATION_MAX);
+    // A resumed session sends no certificate: the gateway accepted ours when it issued
+    // the ticket (one that no longer would refuses the ticket: a full handshake). So a
+    // resumed connection waits only briefly, for the new tickets that keep refills
+    // resuming; not every gateway sends them on resumption (Envoy does not), and the
+    // full probation would keep the pool empty under load at low round-trip times.
+    let probation = match connected.info.resumed {
+        true => connected
+            .info
+            .handshake_time
+            .clamp(RESUMED_WAIT_MIN, PROBATION_MAX),
+        false => (connected.info.handshake_time * PROBATION_HANDSHAKES)
+            .clamp(PROBATION_MIN, PROBATION_MAX),
+    };
     let deadline = tokio::time::sleep(probation);
     tokio::pin!(deadline);
     let mut byte = [0u8; 1];
