@@ -3,4 +3,5 @@
 pub mod envoy;
 pub mod gateway;
 pub mod netns;
+pub mod nfqueue;
 pub mod process;
