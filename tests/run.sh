@@ -23,8 +23,8 @@
 set -Eeuo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-
-log() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=tests/lib.sh
+source tests/lib.sh
 
 # A peer that cannot be had: fatal under CI, a warning otherwise (its tests then skip).
 missing() {
@@ -33,16 +33,6 @@ missing() {
         exit 1
     fi
     log "WARNING: $* (its tests will be skipped)"
-}
-
-as_root() {
-    if [[ $(id -u) == 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null; then
-        sudo "$@"
-    else
-        return 1
-    fi
 }
 
 APT_UPDATED=0

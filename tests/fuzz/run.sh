@@ -27,18 +27,8 @@ FUZZ_DIR=tests/fuzz
 FUZZ_SECONDS=${FUZZ_SECONDS:-20}
 FUZZ_RUNS=${FUZZ_RUNS:-2000000}
 FUZZ_TIMEOUT=${FUZZ_TIMEOUT:-10}
-
-log() { printf '==> %s\n' "$*" >&2; }
-
-as_root() {
-    if [[ $(id -u) == 0 ]]; then
-        "$@"
-    elif command -v sudo >/dev/null; then
-        sudo "$@"
-    else
-        return 1
-    fi
-}
+# shellcheck source=tests/lib.sh
+source tests/lib.sh
 
 # libfuzzer-sys compiles libFuzzer itself, which is C++.
 if ! command -v c++ >/dev/null && ! command -v g++ >/dev/null; then
