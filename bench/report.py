@@ -181,37 +181,33 @@ def workload_table(summary, tunnels, workload, cols, rmetric) -> list[str]:
     return rows
 
 
-def memory_table(summary, tunnels, counts) -> list[str]:
+def grouped_table(summary, tunnels, groups, first, last, skip_missing) -> list[str]:
+    """One group of columns per workload: `first` (header, metric, digits), its ratios to
+    the reference tunnels, then `last`; headers are formatted with the group's key."""
     head = ["tunnel"]
-    for n in counts:
-        head += [f"KiB/conn @{n}", "×haproxy", "×envoy-tcp", f"held @{n}"]
+    for key, _ in groups:
+        head += [first[0].format(key), *(r for _, r in REFS), last[0].format(key)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in tunnels:
+        if skip_missing and not any(w in summary.get(t, {}) for _, w in groups):
+            continue
         row = [t]
-        for n in counts:
-            w = f"idle_{n}"
-            row += [cell(summary, t, w, "pss_per_conn_kib", 1)]
-            row += [ratio(summary, t, ref, w, "pss_per_conn_kib") for ref, _ in REFS]
-            row += [cell(summary, t, w, "held", 0)]
+        for _, w in groups:
+            row += [cell(summary, t, w, first[1], first[2])]
+            row += [ratio(summary, t, ref, w, first[1]) for ref, _ in REFS]
+            row += [cell(summary, t, w, last[1], last[2])]
         rows.append("| " + " | ".join(row) + " |")
     return rows
 
 
+def memory_table(summary, tunnels, counts) -> list[str]:
+    return grouped_table(summary, tunnels, [(n, f"idle_{n}") for n in counts],
+                         ("KiB/conn @{}", "pss_per_conn_kib", 1), ("held @{}", "held", 0), False)
+
+
 def latency_table(summary, tunnels, rtts) -> list[str]:
-    head = ["tunnel"]
-    for rtt in rtts:
-        head += [f"p50 ms @{rtt} ms", "×haproxy", "×envoy-tcp", f"p99 ms @{rtt} ms"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for t in tunnels:
-        if not any(f"rtt{r}" in summary.get(t, {}) for r in rtts):
-            continue
-        row = [t]
-        for rtt in rtts:
-            w = f"rtt{rtt}"
-            row += [cell(summary, t, w, "p50_ms", 2)]
-            row += [ratio(summary, t, ref, w, "p50_ms") for ref, _ in REFS]
-            row += [cell(summary, t, w, "p99_ms", 2)]
-        rows.append("| " + " | ".join(row) + " |")
+    rows = grouped_table(summary, tunnels, [(r, f"rtt{r}") for r in rtts],
+                         ("p50 ms @{} ms", "p50_ms", 2), ("p99 ms @{} ms", "p99_ms", 2), True)
     s = summary.get("delayer", {}).get("delay_check", {})
     if s:
         rows += ["", "Delayer check: a TCP connect to the delayed gateway port (one full round trip) "

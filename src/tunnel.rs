@@ -107,11 +107,8 @@ fn access_log(
 async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<HandshakeInfo>) {
     let ended = |outcome| (Report::ended(outcome), None);
     socket::downstream(&down);
-    // The detection and checkout futures are boxed: a task is as large as its largest
-    // await point, and these (TLS handshake, Happy Eyeballs) are dead weight for the
-    // rest of a connection's life. Boxed, an idle connection's task holds only the copy.
     let first = tokio::select! {
-        first = Box::pin(detect::first_bytes(&mut down, &shared.config.alpn)) => first,
+        first = detect::first_bytes(&mut down, &shared.config.alpn) => first,
         // Draining: nothing was asked yet, so closing loses nothing.
         _ = shared.stop.cancelled() => return ended(Outcome::NoData),
         _ = idle(shared) => return ended(Outcome::IdleTimeout),
@@ -126,6 +123,9 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
     };
     let waiting = Instant::now();
     let connected = tokio::select! {
+        // Boxed: a task is as large as its largest await point, and the checkout (TLS
+        // handshake, Happy Eyeballs: ~2 KB) is dead weight for the rest of a connection's
+        // life. Boxed, an idle connection's task holds only the copy.
         c = Box::pin(shared.pools.checkout(offer)) => c,
         _ = shared.abort.cancelled() => {
             socket::abort(&down);

@@ -4,7 +4,7 @@ mod support;
 
 use std::{io::ErrorKind, time::Duration};
 
-use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, read_to_end, vars};
+use support::gateway::{Behaviour, DEADLINE, Gateway, Runnel, pki, poll_until, read_to_end, vars};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -76,8 +76,14 @@ async fn a_gateway_restart_mid_transfer_resets_the_downstream_and_new_connection
         matches!(end, Err((ErrorKind::ConnectionReset, _))),
         "a dead gateway passed off as a clean end: {end:?}"
     );
-    // Back on the same port.
-    let listener = TcpListener::bind(addr).await.unwrap();
+    // Back on the same port, once the dead gateway's sockets have let go of it (one still
+    // closing holds it against a new listener for a moment).
+    let listener = poll_until(|| {
+        let l = std::net::TcpListener::bind(addr).map_err(|e| format!("rebind {addr}: {e}"))?;
+        l.set_nonblocking(true).unwrap();
+        Ok(TcpListener::from_std(l).unwrap())
+    })
+    .await;
     let _gateway = Gateway::start_at(
         listener,
         pki.gateway_tls(&[b"h2", b"http/1.1"]).unwrap(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    gateway::{Behaviour, DEADLINE, Gateway, pki, read_to_end},
+    gateway::{Behaviour, DEADLINE, Gateway, pki, poll_until, read_to_end},
     process::{TempDir, field, http_get},
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
@@ -39,22 +39,13 @@ async fn access_log_writes_one_line_per_closed_connection() {
         read_to_end(&mut s).await.unwrap(),
         b"GET / HTTP/1.1\r\n\r\n"
     );
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    let line = loop {
-        let lines = json_lines(&runnel.stderr());
-        if let Some(l) = lines
+    let line = poll_until(|| {
+        json_lines(&runnel.stderr())
             .into_iter()
             .find(|l| field(l, "message").and_then(Value::as_str) == Some("connection closed"))
-        {
-            break l;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no access log line: {:?}",
-            runnel.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+            .ok_or_else(|| format!("no access log line: {:?}", runnel.stderr()))
+    })
+    .await;
     let get = |k: &str| field(&line, k).cloned().unwrap_or(Value::Null);
     assert_eq!(get("severity"), "INFO", "{line}");
     assert_eq!(get("outcome"), "clean", "{line}");

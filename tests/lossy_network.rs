@@ -17,7 +17,7 @@ use std::{
 
 use serde_json::Value;
 use support::{
-    gateway::{Behaviour, DEADLINE, Gateway, binary_vars, pattern, pki},
+    gateway::{Behaviour, DEADLINE, Gateway, binary_vars, pattern, pki, poll_until},
     netns::LossyLink,
     process::{Process, START_TIMEOUT, clean_env, field},
 };
@@ -215,26 +215,24 @@ fn exact_transfer_times(
 /// with close_notify, and exactly as many bytes as were sent in all.
 async fn gateway_saw_every_byte(gateway: &Gateway, sizes: &[usize]) {
     let expected = sizes.iter().filter(|s| **s > 0).count();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let conns = poll_until(|| {
         let conns = gateway.data_conns();
-        if conns.len() == expected && conns.iter().all(|c| c.ended_clean == Some(true)) {
-            let bytes: usize = conns.iter().map(|c| c.received.len()).sum();
-            assert_eq!(
-                bytes,
-                sizes.iter().sum::<usize>(),
-                "bytes the gateway received"
-            );
-            return;
+        let unclean = conns.iter().filter(|c| c.ended_clean != Some(true)).count();
+        match conns.len() == expected && unclean == 0 {
+            true => Ok(conns),
+            false => Err(format!(
+                "gateway: {} data connections ({expected} expected), {unclean} not ended cleanly",
+                conns.len()
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "gateway: {} data connections ({expected} expected), {} not ended cleanly",
-            conns.len(),
-            conns.iter().filter(|c| c.ended_clean != Some(true)).count()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    let bytes: usize = conns.iter().map(|c| c.received.len()).sum();
+    assert_eq!(
+        bytes,
+        sizes.iter().sum::<usize>(),
+        "bytes the gateway received"
+    );
 }
 
 /// `TEST_LOSSY_SEED`, or the clock.

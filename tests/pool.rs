@@ -5,21 +5,9 @@ mod support;
 use std::time::Duration;
 
 use support::gateway::{
-    Behaviour, DEADLINE, Gateway, Poke, Runnel, exchange, pki, read_to_end, vars,
+    Behaviour, DEADLINE, Gateway, Poke, Runnel, eventually, exchange, pki, read_to_end, vars,
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
-
-/// Polls `check` until it holds, with the suite's deadline.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !check() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 async fn echo_once(runnel: &Runnel, bytes: &[u8]) {
     assert_eq!(exchange(runnel.addr, bytes).await.unwrap(), bytes);

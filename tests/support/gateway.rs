@@ -494,6 +494,28 @@ pub fn pki() -> Pki {
 /// A deadline for anything a test waits on; generous, since tests run in parallel.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// Polls `check` every 10 ms until it gives `Ok`, and returns that; past [`DEADLINE`]
+/// fails with the last `Err`, which says what was awaited and what was seen instead.
+pub async fn poll_until<T>(mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(why) => assert!(tokio::time::Instant::now() < deadline, "{why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `check` until it holds (see [`poll_until`]).
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    poll_until(|| match check() {
+        true => Ok(()),
+        false => Err(format!("timed out waiting for: {what}")),
+    })
+    .await
+}
+
 /// Variables for the runnel binary pointed at `gateway`: ephemeral listen port, metrics
 /// off, plus `extra` (which replace defaults of the same name).
 pub fn binary_vars(

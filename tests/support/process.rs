@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
-        Arc, Condvar, Mutex,
+        Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     thread,
@@ -124,12 +124,7 @@ impl Process {
             if state.stderr_closed || now >= deadline {
                 return None;
             }
-            state = self
-                .output
-                .changed
-                .wait_timeout(state, deadline - now)
-                .expect("output lock")
-                .0;
+            state = self.output.wait(state, deadline);
         }
     }
 
@@ -188,12 +183,7 @@ impl Process {
                 "{}: output still open after exit",
                 self.name
             );
-            state = self
-                .output
-                .changed
-                .wait_timeout(state, deadline - now)
-                .expect("output lock")
-                .0;
+            state = self.output.wait(state, deadline);
         }
         Finished {
             status,
@@ -420,6 +410,17 @@ const TAIL: usize = 40;
 struct Output {
     state: Mutex<Lines>,
     changed: Condvar,
+}
+
+impl Output {
+    /// Waits for a change to the output, or until `deadline`.
+    fn wait<'a>(&self, state: MutexGuard<'a, Lines>, deadline: Instant) -> MutexGuard<'a, Lines> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.changed
+            .wait_timeout(state, left)
+            .expect("output lock")
+            .0
+    }
 }
 
 #[derive(Default)]
