@@ -181,6 +181,14 @@ step() {
     fi
 }
 
+# Disk: a CI machine is thrown away after the run, so nothing is kept for next time
+# (no incremental state, no fuzz build once fuzzing is done), and the free space is
+# logged at the start and on failure so that a "No space left on device" is easy to place.
+if [[ ${CI:-} == true ]]; then
+    export CARGO_INCREMENTAL=0
+fi
+log "disk: $(df -h --output=avail . | tail -n1 | tr -d ' ') free"
+
 step cargo fmt --all --check
 step cargo clippy --all-targets -- -D warnings
 # Licenses, banned crates and sources, offline (advisories need the network).
@@ -195,12 +203,16 @@ step bash bench/run.sh --only runnel --quick
 # Fuzzing, bounded: every cargo-fuzz target (tests/fuzz/) for FUZZ_SECONDS (20) each,
 # on stable Rust; a crash, hang or runaway memory fails the step.
 step bash tests/fuzz/run.sh
+if [[ ${CI:-} == true ]]; then
+    rm -rf tests/fuzz/target
+fi
 
 # Last, and nothing printed after it on success: CI reads the runner's closing lines.
 log "cargo nextest run --retries 0 --no-fail-fast"
 cargo nextest run --retries 0 --no-fail-fast || failed+=("cargo nextest run")
 
 if ((${#failed[@]})); then
+    log "disk: $(df -h --output=avail . | tail -n1 | tr -d ' ') free"
     log "FAILED: $(printf '[%s] ' "${failed[@]}")"
     exit 1
 fi
