@@ -223,9 +223,19 @@ async fn readyz_is_false_while_the_certificate_is_within_the_minimum_validity_an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_false_while_the_gateway_is_unreachable_and_true_once_it_answers() {
     let pki = pki();
-    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = reserved.local_addr().unwrap();
-    drop(reserved);
+    // Bound but not listening: the kernel refuses connections to it, and no other
+    // process can take the port before the gateway listens on this same socket.
+    let reserved =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    reserved
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    let addr = reserved.local_addr().unwrap().as_socket().unwrap();
     let runnel = Runnel::start(vars(&pki, addr)).await;
     let m = until_metric(
         &runnel,
@@ -234,7 +244,9 @@ async fn readyz_is_false_while_the_gateway_is_unreachable_and_true_once_it_answe
     )
     .await;
     assert!(!runnel.ready().await, "ready with no gateway:\n{m}");
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    reserved.listen(128).unwrap();
+    reserved.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(reserved.into()).unwrap();
     let _gateway = Gateway::start_at(
         listener,
         pki.gateway_tls(&[b"h2", b"http/1.1"]).unwrap(),
