@@ -26,10 +26,19 @@ pub async fn watch(config: Arc<Config>, connector: Arc<Connector>, stop: Cancell
         &config.tls_sources.cert,
         &config.tls_sources.key,
     ];
-    if !files.iter().any(|s| matches!(s, Source::File { .. })) {
-        return; // inline PEM cannot change
-    }
+    // Installed whatever the sources: SIGHUP's default action would end the process
+    // without a drain.
     let mut hangup = signal(SignalKind::hangup()).ok();
+    if !files.iter().any(|s| matches!(s, Source::File { .. })) {
+        // Inline PEM cannot change: a SIGHUP only says so.
+        while let Some(h) = hangup.as_mut() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = h.recv() => tracing::info!("SIGHUP: nothing to reload, the TLS material is inline (RUNNEL_TLS_*_PEM)"),
+            }
+        }
+        return;
+    }
     // Compared with what was loaded at start, not read again: the files may already
     // have changed since.
     let mut state = State {

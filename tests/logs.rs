@@ -160,6 +160,28 @@ async fn a_refused_reload_is_logged_once_however_often_it_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_inline_tls_material_is_logged_and_the_tunnel_keeps_serving() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    // binary_vars gives the TLS material inline (RUNNEL_TLS_*_PEM): nothing to reload.
+    let (mut runnel, listening) = serve(base(&pki, gateway.addr)).await;
+    runnel.signal("HUP");
+    poll_until(|| {
+        let stderr = runnel.stderr();
+        match stderr.iter().any(|l| l.contains("nothing to reload")) {
+            true => Ok(()),
+            false => Err(format!("no word of the SIGHUP: {stderr:?}")),
+        }
+    })
+    .await;
+    assert_eq!(runnel.try_status(), None, "SIGHUP ended runnel");
+    let mut s = TcpStream::connect(listening.listen).await.unwrap();
+    s.write_all(b"after the hangup").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(read_to_end(&mut s).await.unwrap(), b"after the hangup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs() {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
