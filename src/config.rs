@@ -456,6 +456,12 @@ fn parse_pool(env: &Env) -> Result<PoolConfig, ConfigError> {
     };
     let min = env.parse_or("RUNNEL_POOL_MIN", 2, count)?;
     let max = env.parse_or("RUNNEL_POOL_MAX", 32.max(min), count)?;
+    // An unset minimum follows a smaller maximum: RUNNEL_POOL_MAX=0 alone turns the
+    // pool off; only a minimum the user set can conflict with the maximum.
+    let min = match env.get("RUNNEL_POOL_MIN")? {
+        None => min.min(max),
+        Some(_) => min,
+    };
     if min > max {
         return Err(ConfigError::new(
             "RUNNEL_POOL_MIN",
@@ -752,6 +758,24 @@ mod tests {
         assert!(
             Env::new([("HOME", "/root")]).is_ok(),
             "other variables are not ours to judge"
+        );
+    }
+
+    #[test]
+    fn pool_max_zero_alone_turns_the_pool_off() {
+        let pool = |vars: &[(&str, &str)]| parse_pool(&Env::new(vars.iter().copied()).unwrap());
+        let off = pool(&[("RUNNEL_POOL_MAX", "0")]).unwrap();
+        assert_eq!((off.min, off.max), (0, 0));
+        let small = pool(&[("RUNNEL_POOL_MAX", "1")]).unwrap();
+        assert_eq!((small.min, small.max), (1, 1));
+        let default = pool(&[]).unwrap();
+        assert_eq!((default.min, default.max), (2, 32));
+        assert_eq!(
+            pool(&[("RUNNEL_POOL_MIN", "3"), ("RUNNEL_POOL_MAX", "1")])
+                .err()
+                .unwrap()
+                .to_string(),
+            "RUNNEL_POOL_MIN: 3 is above RUNNEL_POOL_MAX (1)"
         );
     }
 
