@@ -175,7 +175,11 @@ pub async fn run(
     };
     match outcome {
         Outcome::Clean => {}
-        Outcome::IdleTimeout => close_gracefully(&mut down, &mut up).await,
+        // Idle with bytes still owed (a writer that stopped taking them) is a stall,
+        // not an end: a FIN would pass a cut-off stream off as complete.
+        Outcome::IdleTimeout if to_up.buf.is_none() && to_down.buf.is_none() => {
+            close_gracefully(&mut down, &mut up).await
+        }
         _ => {
             socket::abort(&down);
             socket::abort(up.get_ref().0.tcp());

@@ -63,3 +63,45 @@ async fn a_downstream_that_never_speaks_is_closed_after_the_idle_timeout() {
         "an upstream connection was opened"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_with_bytes_still_owed_is_a_reset_not_a_clean_end() {
+    let pki = pki();
+    // The gateway pushes far more than the socket buffers on the way hold.
+    let push = vec![b'x'; 32 << 20];
+    let gateway = Gateway::start(
+        pki.gateway_tls(&[b"http/1.1"]).unwrap(),
+        Behaviour::SpeakFirstThenEcho(push.clone()),
+    )
+    .await;
+    let mut v = vars(&pki, gateway.addr);
+    v.push(("RUNNEL_IDLE_TIMEOUT".into(), "300ms".into()));
+    // Unpooled, so the gateway's push is not taken for unexpected data on an idle
+    // pooled connection.
+    v.push(("RUNNEL_POOL_MAX".into(), "0".into()));
+    let runnel = Runnel::start(v).await;
+    // A client that asks, half-closes, and then stops reading: the push stalls, and
+    // nothing moves either way until the idle timeout.
+    let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
+    stream.write_all(b"?").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let closed = "runnel_downstream_connections_closed_total{outcome=\"idle_timeout\"} 1";
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let m = runnel.metrics().await;
+        if m.contains(closed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never closed for idleness:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
+        .await
+        .unwrap();
+    assert!(
+        end.is_err(),
+        "a stalled pair ended with a clean FIN after {} of {} bytes",
+        end.map(|b| b.len()).unwrap_or(0),
+        push.len()
+    );
+}
