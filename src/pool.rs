@@ -490,9 +490,12 @@ async fn watch(
     let mut chunk = [0u8; 512];
     let speaks_first = may_speak_first(&connected);
     let event = loop {
+        // Biased, the read first: a close, an alert or data that arrived together with
+        // a checkout retires the connection instead of being handed out with it.
         let event = tokio::select! {
-            t = &mut taken => Event::Take(t),
+            biased;
             r = tokio::io::AsyncReadExt::read(&mut connected.stream, &mut chunk) => Event::Read(r),
+            t = &mut taken => Event::Take(t),
             _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
             _ = pools.stop.cancelled() => Event::Drain,
             _ = outdated(pools.connector.reloads(), connected.info.generation, (jitter - 0.9) / 0.2) => Event::Reloaded,

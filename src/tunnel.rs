@@ -108,6 +108,9 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
     let ended = |outcome| (Report::ended(outcome), None);
     socket::downstream(&down);
     let first = tokio::select! {
+        // Biased: a request already in the socket is served even when SIGTERM came in
+        // the same instant (closing on unread bytes would reset the client).
+        biased;
         first = detect::first_bytes(&mut down, &shared.config.alpn) => first,
         // Draining: nothing was asked yet, so closing loses nothing.
         _ = shared.stop.cancelled() => return ended(Outcome::NoData),
