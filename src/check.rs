@@ -26,10 +26,19 @@ pub async fn run(config: &Config) -> Result<String, String> {
         .connect(offer)
         .await
         .map_err(|e| format!("{} ({}): {e}", config.upstream, connect_hint(&e)))?;
+    // Under TLS 1.3 a gateway that refuses the client certificate says so only after
+    // the client's handshake is done: wait as the pool does before a connection counts.
+    crate::pool::admit(&mut connected).await.map_err(|reason| {
+        format!(
+            "{}: the gateway ended the connection right after the handshake ({}): check that it trusts this client certificate (RUNNEL_TLS_CERT_*)",
+            config.upstream,
+            reason.label()
+        )
+    })?;
     let info = &connected.info;
     let mut out = String::new();
     let _ = writeln!(out, "upstream          {} ({})", config.upstream, info.addr);
-    let _ = writeln!(out, "server name       {:?}", config.server_name);
+    let _ = writeln!(out, "server name       {}", config.server_name.to_str());
     let _ = writeln!(out, "tls version       {}", info.version);
     let _ = writeln!(out, "cipher suite      {}", info.cipher);
     let _ = writeln!(out, "key exchange      {}", info.kx_group);

@@ -176,7 +176,7 @@ pub async fn run(
         listen.addr = listen_addr.map(|a| a.to_string()),
         metrics.addr = admin_addr.map(|a| a.to_string()),
         upstream = %config.upstream,
-        server_name = ?config.server_name,
+        server_name = %config.server_name.to_str(),
         "listening"
     );
 

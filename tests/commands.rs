@@ -43,6 +43,40 @@ async fn check_prints_what_the_handshake_negotiated() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_when_the_gateway_rejects_the_client_certificate_after_the_handshake() {
+    // The gateway trusts another CA for client certificates: under TLS 1.3 the
+    // client's handshake completes, and the refusal comes after.
+    let ours = pki();
+    let theirs = pki();
+    let tls = runnel::demo::gateway_tls(&theirs.ca_cert_pem, &ours.gateway, &[]).unwrap();
+    let gateway = Gateway::start(tls, Behaviour::Echo).await;
+    let vars = [
+        ("RUNNEL_UPSTREAM", gateway.addr.to_string()),
+        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
+        ("RUNNEL_TLS_CA_PEM", ours.ca_cert_pem.clone()),
+        ("RUNNEL_TLS_CERT_PEM", ours.client.cert_pem.clone()),
+        ("RUNNEL_TLS_KEY_PEM", ours.client.key_pem.clone()),
+    ];
+    let finished = tokio::task::spawn_blocking(move || {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        run_to_exit(&["check"], &vars, TIMEOUT)
+    })
+    .await
+    .unwrap();
+    assert_eq!(finished.status.code(), Some(1), "{:?}", finished.stdout);
+    assert!(
+        finished
+            .stderr
+            .iter()
+            .any(|l| l.starts_with("check failed: ")
+                && l.contains("right after the handshake")
+                && l.contains("RUNNEL_TLS_CERT_")),
+        "{:?}",
+        finished.stderr
+    );
+}
+
 #[test]
 fn check_against_nothing_fails_with_the_reason() {
     let pki = pki();
