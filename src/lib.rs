@@ -55,9 +55,13 @@ use crate::{admin::Health, connect::Connector, pool::Pools, tunnel::Shared};
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// The least time start-up waits for the pools to warm before logging "ready".
 const WARM_UP_MIN: Duration = Duration::from_secs(1);
+/// Without a pool: a probe connection proves the gateway reachable once no handshake
+/// did for this long (well inside `/readyz`'s 60 s window).
+const PROBE_AFTER: Duration = Duration::from_secs(20);
 
-/// Warms the pools (or, without pools, proves the gateway reachable once) and logs
-/// "ready". Bounded: an unreachable gateway delays readiness, never serving.
+/// Warms the pools and logs "ready"; bounded: an unreachable gateway delays readiness,
+/// never serving. Without pools, proves the gateway reachable instead, and keeps
+/// proving it while no traffic does (see `probe`).
 async fn warm_up(
     pools: Arc<Pools>,
     connector: Arc<Connector>,
@@ -65,39 +69,88 @@ async fn warm_up(
     stop: CancellationToken,
 ) {
     let started = tokio::time::Instant::now();
-    if pools.enabled() {
-        let warm = pools.warm(started + connect_timeout.max(WARM_UP_MIN)).await;
-        tracing::info!(
-            pool.idle = pools.idle(),
-            warm,
-            took_ms = started.elapsed().as_millis() as u64,
-            "ready"
-        );
-        return;
+    if !pools.enabled() {
+        return probe(connector, stop).await;
     }
+    let warm = pools.warm(started + connect_timeout.max(WARM_UP_MIN)).await;
+    tracing::info!(
+        pool.idle = pools.idle(),
+        warm,
+        took_ms = started.elapsed().as_millis() as u64,
+        "ready"
+    );
+}
+
+/// Without a pool, `/readyz` rests on a recent successful handshake. Traffic makes
+/// them; when none came for `PROBE_AFTER`, one probe connection (handshake, admission,
+/// close_notify) does, so an idle instance with a reachable gateway stays ready and
+/// one whose gateway went away does not. Failures retry with backoff, logged once.
+async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
+    let started = tokio::time::Instant::now();
+    let (mut ready_logged, mut failing) = (false, false);
     let mut backoff = Duration::from_millis(100);
     loop {
-        tokio::select! {
-            c = connector.connect(connect::Offer::Http1) => match c {
-                Ok(mut c) => match pool::admit(&mut c).await {
-                    Ok(()) => {
-                        connector.mark_accepted();
-                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut c.stream).await;
+        let wait = if connector.succeeded_within(PROBE_AFTER) {
+            PROBE_AFTER / 4
+        } else {
+            match probe_once(&connector, &stop).await {
+                _ if stop.is_cancelled() => return,
+                Ok(()) => {
+                    connector.mark_accepted();
+                    backoff = Duration::from_millis(100);
+                    if !ready_logged {
+                        ready_logged = true;
                         tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
-                        return;
+                    } else if failing {
+                        tracing::info!("probe: the gateway answers again");
                     }
-                    Err(reason) => tracing::warn!(reason = reason.label(), "the gateway refused a connection after the handshake (client certificate rejected?)"),
-                },
-                Err(e) => tracing::warn!(error = %e, "the gateway is not reachable yet"),
-            },
-            _ = stop.cancelled() => return,
-        }
+                    failing = false;
+                    PROBE_AFTER / 4
+                }
+                Err(reason) => {
+                    if !failing {
+                        failing = true;
+                        tracing::warn!(
+                            reason,
+                            "probe: the gateway is not reachable; retrying with backoff (logged once until it recovers)"
+                        );
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff
+                }
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = stop.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// One probe connection: connected, admitted, closed with close_notify.
+async fn probe_once(connector: &Connector, stop: &CancellationToken) -> Result<(), String> {
+    let mut c = tokio::select! {
+        c = connector.connect(connect::Offer::Http1) => c.map_err(|e| {
+            metrics::upstream_error(e.kind());
+            e.to_string()
+        })?,
+        _ = stop.cancelled() => return Err("stopping".into()),
+    };
+    if let Err(reason) = pool::admit(&mut c).await {
+        if matches!(reason, pool::Discard::Rejected) {
+            metrics::upstream_error("certificate_rejected");
+        }
+        return Err(format!(
+            "the gateway ended the connection right after the handshake ({}): client certificate rejected?",
+            reason.label()
+        ));
+    }
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::AsyncWriteExt::shutdown(&mut c.stream),
+    )
+    .await;
+    Ok(())
 }
 
 /// The listeners runnel serves, bound by the caller (tests bind `127.0.0.1:0`).

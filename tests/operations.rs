@@ -256,6 +256,38 @@ async fn readyz_is_false_while_the_gateway_is_unreachable_and_true_once_it_answe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_pool_an_idle_instance_probes_the_gateway_and_stays_ready() {
+    // /readyz rests on a handshake in the last 60 s; with no pool and no traffic,
+    // runnel makes one itself about every 20 s. This test waits for one (tens of
+    // seconds): a real interval, not a readiness sleep.
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let mut v = vars(&pki, gateway.addr);
+    v.push(("RUNNEL_POOL_MAX".into(), "0".into()));
+    let runnel = Runnel::start(v).await;
+    until_ready(&runnel, true).await;
+    let first = *gateway.accepted.lock().unwrap();
+    assert!(first >= 1, "ready without a handshake");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while *gateway.accepted.lock().unwrap() == first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no probe within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(runnel.ready().await, "not ready after a probe");
+    let m = runnel.metrics().await;
+    assert!(
+        series(
+            &m,
+            "runnel_upstream_handshakes_total{kind=\"resumed\",result=\"ok\"}"
+        ) >= 1.0,
+        "the probe did not resume:\n{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_false_while_draining() {
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
