@@ -104,7 +104,12 @@ pub fn tls_error_kind(e: &io::Error) -> &'static str {
             | A::CertificateExpired
             | A::CertificateRevoked
             | A::AccessDenied
-            | A::UnsupportedCertificate,
+            | A::UnsupportedCertificate
+            // A signature the gateway could not verify: runnel computes its Finished
+            // and binders itself, so in practice the client certificate's, as rustls
+            // and BoringSSL say for a certificate whose issuer has a trusted CA's name
+            // but not its key.
+            | A::DecryptError,
         )) => "certificate_rejected",
         Some(E::AlertReceived(A::NoApplicationProtocol)) | Some(E::NoApplicationProtocol) => {
             "alpn_mismatch"

@@ -163,7 +163,7 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
     span.record("tls.resumed", connected.info.resumed);
     span.record("pool.hit", connected.info.pooled);
     let info = connected.info;
-    let report = copy::run(
+    let mut report = copy::run(
         down,
         connected.stream,
         initial,
@@ -174,6 +174,11 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
         || shared.pools.mark_accepted(),
     )
     .await;
+    // Under TLS 1.3 a refused client certificate is an alert after the client's
+    // handshake: to the user it is the handshake that failed.
+    if report.upstream_error == Some("certificate_rejected") && report.to_downstream == 0 {
+        report.outcome = Outcome::HandshakeFailed;
+    }
     (report, Some(info))
 }
 

@@ -125,6 +125,29 @@ async fn a_gateway_that_rejects_the_client_certificate_gets_nothing_admitted() {
         "ready although every connection is rejected:\n{}",
         runnel.metrics().await
     );
+    // A downstream connection then connects on the spot and meets the same refusal:
+    // it is reset, and counted as a failed handshake.
+    let mut down = tokio::net::TcpStream::connect(runnel.addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut down, b"hello")
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(DEADLINE, support::gateway::read_to_end(&mut down))
+        .await
+        .unwrap();
+    assert!(end.is_err(), "a refused connection ended cleanly: {end:?}");
+    let closed = "runnel_downstream_connections_closed_total{outcome=\"handshake_failed\"} 1";
+    while !metrics.contains(closed) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{closed} missing:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = runnel.metrics().await;
+    }
+    assert!(
+        metrics.contains("runnel_upstream_errors_total{kind=\"certificate_rejected\"}"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
