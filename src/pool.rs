@@ -44,6 +44,10 @@ use crate::{
 const MAX_CONCURRENT_HANDSHAKES: usize = 8;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A pooled connection the gateway ends this soon after admission counts as a failed
+/// dial: a gateway that closes every idle connection at once must not be redialled
+/// in a tight loop.
+const EARLY_END: Duration = Duration::from_secs(1);
 /// How often a pool re-estimates its target size.
 const ADAPT_EVERY: Duration = Duration::from_secs(1);
 /// Under TLS 1.3 without a session ticket, how long (in handshake times) a new
@@ -121,6 +125,9 @@ struct Pool {
     /// Whether the last dial failed: failures are logged when this flips, not each
     /// retry (an h2 pool facing a gateway without h2 would otherwise warn forever).
     failing: std::sync::atomic::AtomicBool,
+    /// Dials that failed, and pooled connections the gateway ended within
+    /// `EARLY_END` of their admission: the filler backs off when this grows.
+    failures: AtomicU64,
     wake: Notify,
 }
 
@@ -143,6 +150,7 @@ impl Pools {
                     misses: AtomicU64::new(0),
                     dial_micros: AtomicU64::new(0),
                     failing: std::sync::atomic::AtomicBool::new(false),
+                    failures: AtomicU64::new(0),
                     wake: Notify::new(),
                 })
             })
@@ -247,7 +255,6 @@ async fn fill(pools: Arc<Pools>, pool: Arc<Pool>, tracker: TaskTracker) {
     let mut backoff = BACKOFF_MIN;
     let mut retry_at = Instant::now();
     let mut next_adapt = Instant::now() + ADAPT_EVERY;
-    let failures = Arc::new(AtomicU64::new(0));
     let mut failures_seen = 0;
     let mut rate = 0.0f64;
     loop {
@@ -255,7 +262,7 @@ async fn fill(pools: Arc<Pools>, pool: Arc<Pool>, tracker: TaskTracker) {
             rate = adapt(&pools, &pool, rate);
             next_adapt = Instant::now() + ADAPT_EVERY;
         }
-        let failed = failures.load(Ordering::Relaxed);
+        let failed = pool.failures.load(Ordering::Relaxed);
         if failed > failures_seen {
             failures_seen = failed;
             retry_at = Instant::now() + backoff;
@@ -269,15 +276,10 @@ async fn fill(pools: Arc<Pools>, pool: Arc<Pool>, tracker: TaskTracker) {
             && pool.connecting.load(Ordering::Relaxed) < concurrency(&pools)
         {
             pool.connecting.fetch_add(1, Ordering::Relaxed);
-            let (pools, pool, failures, owners) = (
-                pools.clone(),
-                pool.clone(),
-                failures.clone(),
-                tracker.clone(),
-            );
+            let (pools, pool, owners) = (pools.clone(), pool.clone(), tracker.clone());
             tracker.spawn(async move {
                 if !dial(&pools, &pool, &owners).await {
-                    failures.fetch_add(1, Ordering::Relaxed);
+                    pool.failures.fetch_add(1, Ordering::Relaxed);
                 }
                 pool.connecting.fetch_sub(1, Ordering::Relaxed);
                 pool.wake.notify_one();
@@ -386,10 +388,12 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
     }
     let (take, taken) = oneshot::channel();
     pool.idle_count.fetch_add(1, Ordering::Relaxed);
-    pool.idle
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(take);
+    let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+    // Owners that retired on their own left their senders behind; under steady
+    // traffic checkouts take from the top and would never reach them.
+    idle.retain(|owner| !owner.is_closed());
+    idle.push(take);
+    drop(idle);
     pools.warmed.notify_waiters();
     let (pools, pool) = (pools.clone(), pool.clone());
     tracker.spawn(async move { watch(pools, pool, connected, taken).await });
@@ -486,7 +490,8 @@ async fn watch(
 ) {
     // Jitter spreads retirements, so connections made together are not replaced together.
     let jitter = 0.9 + 0.2 * (connected.info.addr.port() as f64 % 97.0) / 97.0;
-    let retire_at = Instant::now() + pools.max_idle.mul_f64(jitter);
+    let admitted = Instant::now();
+    let retire_at = admitted + pools.max_idle.mul_f64(jitter);
     let mut chunk = [0u8; 512];
     let speaks_first = may_speak_first(&connected);
     let event = loop {
@@ -509,6 +514,9 @@ async fn watch(
             other => break other,
         }
     };
+    if matches!(event, Event::Read(_)) && admitted.elapsed() < EARLY_END {
+        pool.failures.fetch_add(1, Ordering::Relaxed);
+    }
     pool.idle_count.fetch_sub(1, Ordering::Relaxed);
     pool.wake.notify_one();
     let reason = match event {

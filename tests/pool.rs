@@ -235,3 +235,21 @@ async fn an_h2_gateway_that_speaks_first_still_gets_pooled_and_its_preface_reach
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_closes_pooled_connections_at_once_is_redialled_with_backoff() {
+    // Each connection is admitted (tickets arrive), then closed 100 ms later: without
+    // backoff the pool would redial two connections every 100 ms, forever.
+    let gateway =
+        Gateway::start_with_pki(pki(), Behaviour::CloseAfter(Duration::from_millis(100))).await;
+    let _runnel = pooled(&gateway, 2).await;
+    eventually("a first pooled connection", || !gateway.seen().is_empty()).await;
+    // A window of real time to count dials in (not a wait for readiness): a tight
+    // loop would dial about 60 times in it, backoff about 10.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dialled = gateway.seen().len();
+    assert!(
+        dialled <= 20,
+        "{dialled} connections in 3 s to a gateway that closes them at once"
+    );
+}

@@ -33,6 +33,9 @@ pub enum Behaviour {
     ReplyThenTruncate(Vec<u8>),
     /// Read one chunk, then reset the TCP connection.
     ReadThenReset,
+    /// Close (close_notify, FIN) this long after the handshake, whatever comes: a
+    /// gateway with a very short idle timeout.
+    CloseAfter(Duration),
     /// Send these bytes as soon as the handshake is done (an HTTP/2 server's SETTINGS),
     /// then echo.
     SpeakFirstThenEcho(Vec<u8>),
@@ -324,6 +327,10 @@ async fn behave(
             Ok(())
         }
         Behaviour::SpeakFirstThenEcho(_) => unreachable!("turned into Echo above"),
+        Behaviour::CloseAfter(after) => {
+            tokio::time::sleep(after).await;
+            tls.shutdown().await
+        }
         Behaviour::ReadThenReset => {
             let n = tls.read(&mut buf).await?;
             record(&buf[..n]);
