@@ -299,7 +299,12 @@ impl Connector {
             return;
         }
         loop {
-            let wait = match self.resolver.refresh().await {
+            // A resolver that hangs must not hold the exit once the drain is over.
+            let refreshed = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.resolver.refresh() => r,
+            };
+            let wait = match refreshed {
                 Ok(ttl) => ttl,
                 Err(e) => {
                     tracing::warn!(upstream = %self.resolver.target, error = %e, "cannot resolve the upstream; retrying");
