@@ -658,9 +658,12 @@ impl Env {
 }
 
 fn unknown_variable(name: &str) -> ConfigError {
+    // Compared without the prefix, so RUNNEL_PORT points at PORT, not RUNNEL_LOG.
+    let bare = |n: &'static str| n.strip_prefix("RUNNEL_").unwrap_or(n);
+    let wanted = name.strip_prefix("RUNNEL_").unwrap_or(name);
     let closest = VARS
         .iter()
-        .map(|v| (edit_distance(name, v.name), v.name))
+        .map(|v| (edit_distance(wanted, bare(v.name)), v.name))
         .min()
         .map(|(_, n)| n)
         .unwrap_or("RUNNEL_UPSTREAM");
@@ -754,6 +757,13 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "RUNNEL_UPSTRAEM: unknown variable; did you mean RUNNEL_UPSTREAM?"
+        );
+        assert_eq!(
+            Env::new([("RUNNEL_PORT", "8080")])
+                .err()
+                .unwrap()
+                .to_string(),
+            "RUNNEL_PORT: unknown variable; did you mean PORT?"
         );
         assert!(
             Env::new([("HOME", "/root")]).is_ok(),
