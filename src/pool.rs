@@ -256,6 +256,7 @@ async fn fill(pools: Arc<Pools>, pool: Arc<Pool>, tracker: TaskTracker) {
     let mut retry_at = Instant::now();
     let mut next_adapt = Instant::now() + ADAPT_EVERY;
     let mut failures_seen = 0;
+    let mut last_failure = Instant::now();
     let mut rate = 0.0f64;
     loop {
         if Instant::now() >= next_adapt {
@@ -265,9 +266,14 @@ async fn fill(pools: Arc<Pools>, pool: Arc<Pool>, tracker: TaskTracker) {
         let failed = pool.failures.load(Ordering::Relaxed);
         if failed > failures_seen {
             failures_seen = failed;
-            retry_at = Instant::now() + backoff;
+            last_failure = Instant::now();
+            retry_at = last_failure + backoff;
             backoff = (backoff * 2).min(BACKOFF_MAX);
-        } else if pool.idle_count.load(Ordering::Relaxed) > 0 {
+        } else if pool.idle_count.load(Ordering::Relaxed) > 0
+            && last_failure.elapsed() > 2 * EARLY_END
+        {
+            // Recovered: a connection is idle, and none failed or ended early lately
+            // (an idle connection alone proves little while others end at once).
             backoff = BACKOFF_MIN;
         }
         while Instant::now() >= retry_at
