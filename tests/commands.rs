@@ -6,28 +6,33 @@ use std::time::Duration;
 
 use support::{
     gateway::{Behaviour, Gateway, pki},
-    process::{Runnel, http_get, run_to_exit},
+    process::{Finished, Runnel, http_get, run_to_exit},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_prints_what_the_handshake_negotiated() {
-    let pki = pki();
-    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+/// Runs `runnel check` against `gateway` with `pki`'s CA and client identity, inline.
+async fn check(pki: &runnel::demo::Pki, gateway: std::net::SocketAddr) -> Finished {
     let vars = [
-        ("RUNNEL_UPSTREAM", gateway.addr.to_string()),
+        ("RUNNEL_UPSTREAM", gateway.to_string()),
         ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
         ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
         ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
         ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
     ];
-    let finished = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
         run_to_exit(&["check"], &vars, TIMEOUT)
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_prints_what_the_handshake_negotiated() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let finished = check(&pki, gateway.addr).await;
     assert_eq!(finished.status.code(), Some(0), "{:?}", finished.stderr);
     let out = finished.stdout.join("\n");
     for expected in [
@@ -51,19 +56,7 @@ async fn check_fails_when_the_gateway_rejects_the_client_certificate_after_the_h
     let theirs = pki();
     let tls = runnel::demo::gateway_tls(&theirs.ca_cert_pem, &ours.gateway, &[]).unwrap();
     let gateway = Gateway::start(tls, Behaviour::Echo).await;
-    let vars = [
-        ("RUNNEL_UPSTREAM", gateway.addr.to_string()),
-        ("RUNNEL_SERVER_NAME", runnel::demo::GATEWAY_NAME.to_owned()),
-        ("RUNNEL_TLS_CA_PEM", ours.ca_cert_pem.clone()),
-        ("RUNNEL_TLS_CERT_PEM", ours.client.cert_pem.clone()),
-        ("RUNNEL_TLS_KEY_PEM", ours.client.key_pem.clone()),
-    ];
-    let finished = tokio::task::spawn_blocking(move || {
-        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        run_to_exit(&["check"], &vars, TIMEOUT)
-    })
-    .await
-    .unwrap();
+    let finished = check(&ours, gateway.addr).await;
     assert_eq!(finished.status.code(), Some(1), "{:?}", finished.stdout);
     assert!(
         finished

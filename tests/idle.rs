@@ -86,15 +86,7 @@ async fn an_idle_timeout_with_bytes_still_owed_is_a_reset_not_a_clean_end() {
     stream.write_all(b"?").await.unwrap();
     stream.shutdown().await.unwrap();
     let closed = "runnel_downstream_connections_closed_total{outcome=\"idle_timeout\"} 1";
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let m = runnel.metrics().await;
-        if m.contains(closed) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never closed for idleness:\n{m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    runnel.metrics_until(closed, |m| m.contains(closed)).await;
     let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
         .await
         .unwrap();

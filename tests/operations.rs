@@ -59,18 +59,11 @@ fn series(metrics: &str, name_and_labels: &str) -> f64 {
 }
 
 async fn until_metric(runnel: &Runnel, name_and_labels: &str, at_least: f64) -> String {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let m = runnel.metrics().await;
-        if series(&m, name_and_labels) >= at_least {
-            return m;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name_and_labels} never reached {at_least}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    runnel
+        .metrics_until(&format!("{name_and_labels} >= {at_least}"), |m| {
+            series(m, name_and_labels) >= at_least
+        })
+        .await
 }
 
 async fn round_trip(stream: &mut TcpStream, bytes: &[u8]) {

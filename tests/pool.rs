@@ -99,22 +99,15 @@ async fn a_gateway_that_rejects_the_client_certificate_gets_nothing_admitted() {
     let mut v = vars(&ours, gateway.addr);
     v.push(("RUNNEL_ALPN".into(), "none".into()));
     let runnel = Runnel::start(v).await;
-    let mut metrics = String::new();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
     let rejected = |m: &str| {
         m.lines()
             .find_map(|l| l.strip_prefix("runnel_pool_discards_total{reason=\"rejected\"} "))
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    while rejected(&metrics) < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no rejections counted:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        metrics = runnel.metrics().await;
-    }
+    let metrics = runnel
+        .metrics_until("two rejections", |m| rejected(m) >= 2)
+        .await;
     assert!(
         metrics.contains("runnel_pool_idle_connections{alpn=\"fixed\"} 0"),
         "{metrics}"
@@ -136,14 +129,7 @@ async fn a_gateway_that_rejects_the_client_certificate_gets_nothing_admitted() {
         .unwrap();
     assert!(end.is_err(), "a refused connection ended cleanly: {end:?}");
     let closed = "runnel_downstream_connections_closed_total{outcome=\"handshake_failed\"} 1";
-    while !metrics.contains(closed) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{closed} missing:\n{metrics}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        metrics = runnel.metrics().await;
-    }
+    let metrics = runnel.metrics_until(closed, |m| m.contains(closed)).await;
     assert!(
         metrics.contains("runnel_upstream_errors_total{kind=\"certificate_rejected\"}"),
         "{metrics}"

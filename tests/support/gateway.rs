@@ -463,6 +463,23 @@ impl Runnel {
         self.admin_get("/metrics").await
     }
 
+    /// Polls `/metrics` until `holds` says yes and returns that response; fails with
+    /// `what` and the last response after `DEADLINE`.
+    pub async fn metrics_until(&self, what: &str, holds: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let m = self.metrics().await;
+            if holds(&m) {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn admin_get(&self, path: &str) -> String {
         let mut s = TcpStream::connect(self.admin).await.unwrap();
         s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
