@@ -16,16 +16,15 @@ use std::{
 use rustls::{ClientConfig, HandshakeKind, pki_types::ServerName};
 use tokio::{net::TcpStream, task::JoinSet};
 use tokio_rustls::{TlsConnector, client::TlsStream};
-
-use crate::readahead::ReadAhead;
-
-/// An upstream connection: TLS over the read-ahead socket.
-pub type Upstream = TlsStream<ReadAhead>;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config, dns::Resolver, error::ConnectError, metrics, socket, tls::ClientConfigs,
+    config::Config, dns::Resolver, error::ConnectError, metrics, readahead::ReadAhead, socket,
+    tls::ClientConfigs,
 };
+
+/// An upstream connection: TLS over the read-ahead socket.
+pub type Upstream = TlsStream<ReadAhead>;
 
 /// RFC 8305's recommended Connection Attempt Delay.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);

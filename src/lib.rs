@@ -93,8 +93,11 @@ async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
         let wait = if connector.succeeded_within(PROBE_AFTER) {
             PROBE_AFTER / 4
         } else {
-            match probe_once(&connector, &stop).await {
-                _ if stop.is_cancelled() => return,
+            let probed = tokio::select! {
+                r = probe_once(&connector) => r,
+                _ = stop.cancelled() => return,
+            };
+            match probed {
                 Ok(()) => {
                     connector.mark_accepted();
                     backoff = Duration::from_millis(100);
@@ -128,18 +131,15 @@ async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
 }
 
 /// One probe connection: connected, admitted, closed with close_notify.
-async fn probe_once(connector: &Connector, stop: &CancellationToken) -> Result<(), String> {
-    let mut c = tokio::select! {
-        c = connector.connect(connect::Offer::Http1) => c.map_err(|e| {
+async fn probe_once(connector: &Connector) -> Result<(), String> {
+    let mut c = connector
+        .connect(connect::Offer::Http1)
+        .await
+        .map_err(|e| {
             metrics::upstream_error(e.kind());
             e.to_string()
-        })?,
-        _ = stop.cancelled() => return Err("stopping".into()),
-    };
+        })?;
     if let Err(reason) = pool::admit(&mut c).await {
-        if matches!(reason, pool::Discard::Rejected) {
-            metrics::upstream_error("certificate_rejected");
-        }
         return Err(format!(
             "the gateway ended the connection right after the handshake ({}): client certificate rejected?",
             reason.label()

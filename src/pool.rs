@@ -363,9 +363,6 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         }
     };
     if let Err(reason) = admit(&mut connected).await {
-        if matches!(reason, Discard::Rejected) {
-            metrics::upstream_error("certificate_rejected");
-        }
         metrics::pool_discard(reason.label());
         tracing::warn!(
             alpn = pool.offer.label(),
@@ -407,8 +404,17 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
 }
 
 /// Waits until the gateway has shown it accepted our certificate. Also stores the
-/// session tickets that arrive meanwhile.
+/// session tickets that arrive meanwhile. A refusal counts as a `certificate_rejected`
+/// upstream error.
 pub async fn admit(connected: &mut Connected) -> Result<(), Discard> {
+    let admitted = wait_for_acceptance(connected).await;
+    if let Err(Discard::Rejected) = admitted {
+        metrics::upstream_error("certificate_rejected");
+    }
+    admitted
+}
+
+async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Discard> {
     let tls13 = connected.stream.get_ref().1.protocol_version() == Some(ProtocolVersion::TLSv1_3);
     if !tls13 {
         // TLS 1.2: the gateway's Finished came after it verified our certificate.
