@@ -5,6 +5,11 @@
 //! on one side shuts down only the write half of the other (close_notify + FIN
 //! upstream, FIN downstream) while the opposite direction keeps flowing.
 //!
+//! Neither direction starves the other: each moves at most `QUOTA` reads per turn, and
+//! the two take turns going first. A connection where nothing moved for `PEER_CHECK`
+//! asks the kernel whether the gateway still acknowledges (`socket::peer`): a slow
+//! gateway (window shut, probes answered) is waited for, a vanished one is reset.
+//!
 //! Invariant: an upstream that stops without close_notify (TLS truncation), a reset,
 //! or any error ends both sides with RST, never with a clean FIN the downstream could
 //! mistake for a complete response.
@@ -32,8 +37,15 @@ const SMALL_BUF: usize = 16 * 1024;
 /// Once a read fills the small buffer, the stream is busy: read in larger gulps, so
 /// rustls can emit several records in one vectored write.
 const LARGE_BUF: usize = 64 * 1024;
-/// How long a graceful close after an idle timeout may take.
+/// How long a graceful close after an idle timeout may take; past it, both sides are
+/// reset (what was still unsent would otherwise end in a FIN).
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Reads one direction may make in one turn before the other gets its turn: 8 of up to
+/// 64 KiB, well inside tokio's budget of 128 operations per task poll, which one
+/// saturating direction would otherwise use up every time.
+const QUOTA: usize = 8;
+/// Nothing moved for this long: ask the kernel whether the gateway still acknowledges.
+const PEER_CHECK: Duration = Duration::from_secs(10);
 
 /// Which side a direction reads from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,90 +114,153 @@ pub async fn run(
     let mut last_activity = Instant::now();
     let idle_sleep = idle.map(|d| tokio::time::sleep(d));
     tokio::pin!(idle_sleep);
+    let check = tokio::time::sleep(PEER_CHECK);
+    tokio::pin!(check);
+    let mut watchdog = Watchdog { armed: true };
     let aborted = abort.cancelled();
     tokio::pin!(aborted);
     let mut on_reply = Some(on_reply);
+    let mut upload_first = true;
 
     let outcome = poll_fn(|cx| {
         if aborted.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Outcome::DrainAborted);
         }
         let mut active = false;
-        if !to_up.done {
-            match to_up.poll(
-                cx,
-                Pin::new(&mut down),
-                Pin::new(&mut up),
-                &handles.to_upstream,
-                &mut active,
-            ) {
+        let order = match upload_first {
+            true => [Side::Downstream, Side::Upstream],
+            false => [Side::Upstream, Side::Downstream],
+        };
+        upload_first = !upload_first;
+        for from in order {
+            let polled = match from {
+                Side::Downstream if !to_up.done => to_up.poll(
+                    cx,
+                    Pin::new(&mut down),
+                    Pin::new(&mut up),
+                    &handles.to_upstream,
+                    &mut active,
+                ),
+                Side::Upstream if !to_down.done => to_down.poll(
+                    cx,
+                    Pin::new(&mut up),
+                    Pin::new(&mut down),
+                    &handles.to_downstream,
+                    &mut active,
+                ),
+                _ => continue,
+            };
+            match polled {
                 Poll::Ready(Ok(())) => {
-                    closed_first.get_or_insert(Side::Downstream);
+                    closed_first.get_or_insert(from);
                 }
                 Poll::Ready(Err(e)) => {
-                    closed_first.get_or_insert(Side::Downstream);
-                    return Poll::Ready(e.outcome(Side::Downstream));
+                    closed_first.get_or_insert(from);
+                    if let (Side::Upstream, HalfError::Read(io)) = (from, &e) {
+                        upstream_error = Some(crate::error::tls_error_kind(io));
+                    }
+                    return Poll::Ready(e.outcome(from));
                 }
                 Poll::Pending => {}
             }
         }
-        if !to_down.done {
-            match to_down.poll(
-                cx,
-                Pin::new(&mut up),
-                Pin::new(&mut down),
-                &handles.to_downstream,
-                &mut active,
-            ) {
-                Poll::Ready(Ok(())) => {
-                    closed_first.get_or_insert(Side::Upstream);
-                }
-                Poll::Ready(Err(e)) => {
-                    closed_first.get_or_insert(Side::Upstream);
-                    if let HalfError::Read(io) = &e {
-                        upstream_error = Some(crate::error::tls_error_kind(io));
-                    }
-                    return Poll::Ready(e.outcome(Side::Upstream));
-                }
-                Poll::Pending => {}
-            }
-            if to_down.bytes > 0
-                && let Some(f) = on_reply.take()
-            {
-                f();
-            }
+        if to_down.bytes > 0
+            && let Some(f) = on_reply.take()
+        {
+            f();
         }
         if to_up.done && to_down.done {
             return Poll::Ready(Outcome::Clean);
         }
+        if to_up.yielded || to_down.yielded {
+            // A direction stopped at its quota, not because it blocked: come back.
+            cx.waker().wake_by_ref();
+        }
         if active {
             last_activity = Instant::now();
+        }
+        if watchdog
+            .poll(
+                cx,
+                check.as_mut(),
+                active,
+                last_activity,
+                up.get_ref().0.tcp(),
+            )
+            .is_ready()
+        {
+            upstream_error = Some("unresponsive");
+            return Poll::Ready(Outcome::UpstreamUnresponsive);
         }
         poll_idle(cx, idle_sleep.as_mut().as_pin_mut(), idle, last_activity)
     })
     .await;
 
-    let report = Report {
+    // Idle with bytes still owed (a writer that stopped taking them, or TLS records
+    // rustls holds for a socket that would not take them) is a stall, not an end.
+    let owed = to_up.buf.is_some() || to_down.buf.is_some() || up.get_ref().1.wants_write();
+    let outcome = match outcome {
+        Outcome::IdleTimeout if owed => Outcome::IdleTimeoutStalled,
+        Outcome::IdleTimeout if !close_gracefully(&mut down, &mut up).await => {
+            Outcome::IdleTimeoutStalled
+        }
+        other => other,
+    };
+    if !matches!(outcome, Outcome::Clean | Outcome::IdleTimeout) {
+        socket::abort(&down);
+        socket::abort(up.get_ref().0.tcp());
+    }
+    Report {
         outcome,
         to_upstream: to_up.bytes,
         to_downstream: to_down.bytes,
         closed_first,
         first_upstream_write: to_up.first_write,
-        upstream_error: upstream_error.filter(|_| outcome == Outcome::UpstreamTlsError),
-    };
-    match outcome {
-        Outcome::Clean => {}
-        // Idle with bytes still owed (a writer that stopped taking them) is a stall,
-        // not an end: a FIN would pass a cut-off stream off as complete.
-        Outcome::IdleTimeout if to_up.buf.is_none() && to_down.buf.is_none() => {
-            close_gracefully(&mut down, &mut up).await
-        }
-        _ => {
-            socket::abort(&down);
-            socket::abort(up.get_ref().0.tcp());
-        }
+        upstream_error: upstream_error.filter(|_| {
+            matches!(
+                outcome,
+                Outcome::UpstreamTlsError | Outcome::UpstreamUnresponsive
+            )
+        }),
     }
-    report
+}
+
+/// Asks the kernel about the gateway once nothing has moved for `PEER_CHECK`, and again
+/// every `PEER_CHECK` while that lasts and something is outstanding; quiet connections
+/// with nothing outstanding are left to keepalive (no timer until bytes move again).
+struct Watchdog {
+    armed: bool,
+}
+
+impl Watchdog {
+    /// Ready when the gateway is unresponsive.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut sleep: Pin<&mut tokio::time::Sleep>,
+        active: bool,
+        last_activity: Instant,
+        tcp: &TcpStream,
+    ) -> Poll<()> {
+        if active && !self.armed {
+            self.armed = true;
+            sleep.as_mut().reset(last_activity + PEER_CHECK);
+        }
+        while self.armed {
+            ready!(sleep.as_mut().poll(cx));
+            let now = Instant::now();
+            if now < last_activity + PEER_CHECK {
+                sleep.as_mut().reset(last_activity + PEER_CHECK);
+                continue;
+            }
+            match socket::peer(tcp) {
+                socket::Peer::Unresponsive => return Poll::Ready(()),
+                socket::Peer::Answering => sleep.as_mut().reset(now + PEER_CHECK),
+                socket::Peer::Idle => self.armed = false,
+            }
+        }
+        Poll::Pending
+    }
 }
 
 /// Fires once nothing has moved for `idle`; re-arms itself lazily so that active
@@ -209,13 +284,15 @@ fn poll_idle(
     }
 }
 
-async fn close_gracefully(down: &mut TcpStream, up: &mut Upstream) {
+/// close_notify + FIN upstream, FIN downstream; false when that could not finish within
+/// `CLOSE_GRACE` (a side that takes nothing), and the caller resets both.
+async fn close_gracefully(down: &mut TcpStream, up: &mut Upstream) -> bool {
     use tokio::io::AsyncWriteExt;
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        let _ = up.shutdown().await;
-        let _ = down.shutdown().await;
+    tokio::time::timeout(CLOSE_GRACE, async {
+        up.shutdown().await.is_ok() && down.shutdown().await.is_ok()
     })
-    .await;
+    .await
+    .unwrap_or(false)
 }
 
 /// A failed direction: which operation failed decides the side at fault.
@@ -262,6 +339,8 @@ struct Half {
     read_eof: bool,
     need_flush: bool,
     done: bool,
+    /// The last turn ended at `QUOTA` reads with more to do, not because it blocked.
+    yielded: bool,
     bytes: u64,
     first_write: Option<tokio::time::Instant>,
 }
@@ -286,6 +365,7 @@ impl Half {
             read_eof: false,
             need_flush: false,
             done: false,
+            yielded: false,
             bytes: 0,
             first_write: None,
         }
@@ -313,6 +393,8 @@ impl Half {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        self.yielded = false;
+        let mut reads = 0;
         loop {
             if let Some(buf) = self.buf.take() {
                 while self.start < self.end {
@@ -347,7 +429,14 @@ impl Half {
                 )
             });
             match ready!(step)? {
-                Step::Again => {}
+                Step::Again => {
+                    reads += 1;
+                    if reads == QUOTA {
+                        // The other direction's turn; the caller wakes the task again.
+                        self.yielded = true;
+                        return Poll::Pending;
+                    }
+                }
                 Step::ReadPending => {
                     // Nothing to read: push out what was written.
                     if self.need_flush {

@@ -57,10 +57,12 @@ pub enum ConnectError {
 }
 
 /// Every value of the `kind` label of `runnel_upstream_errors_total`.
-pub const UPSTREAM_ERROR_KINDS: [&str; 8] = [
+pub const UPSTREAM_ERROR_KINDS: [&str; 10] = [
     "dns",
     "connect",
     "timeout",
+    "closed_after_handshake",
+    "unresponsive",
     "tls_alert_from_gateway",
     "certificate_rejected",
     "certificate_untrusted",
@@ -77,6 +79,18 @@ impl ConnectError {
             Self::Timeout => "timeout",
             Self::Handshake(e) => tls_error_kind(e),
             Self::AlpnMismatch(_) => "alpn_mismatch",
+        }
+    }
+
+    /// Whether the failure is this instance's own (out of descriptors or memory), not
+    /// the gateway's: it must not count against the gateway's address or readiness.
+    pub fn is_local(&self) -> bool {
+        const EMFILE: i32 = 24;
+        const ENFILE: i32 = 23;
+        const ENOBUFS: i32 = 105;
+        match self {
+            Self::Tcp(e) => matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS)),
+            _ => false,
         }
     }
 
@@ -135,8 +149,15 @@ pub enum Outcome {
     UpstreamTruncated,
     /// The upstream sent a TLS alert or malformed TLS after the handshake.
     UpstreamTlsError,
-    /// No byte moved either way for `RUNNEL_IDLE_TIMEOUT`.
+    /// No byte moved either way for `RUNNEL_IDLE_TIMEOUT`; both sides closed cleanly.
     IdleTimeout,
+    /// No byte moved for `RUNNEL_IDLE_TIMEOUT` while bytes were still owed to a side
+    /// that stopped taking them (or the clean close could not finish): both sides reset,
+    /// since a FIN would pass a cut stream off as complete.
+    IdleTimeoutStalled,
+    /// The upstream stopped acknowledging anything (a gateway that vanished, a path
+    /// that black-holes); both sides were reset.
+    UpstreamUnresponsive,
     /// TCP connect to every upstream address failed (or no address was known).
     ConnectFailed,
     /// Connect + handshake did not finish within `RUNNEL_CONNECT_TIMEOUT`.
@@ -150,7 +171,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 12] = [
+    pub const ALL: [Outcome; 14] = [
         Self::Clean,
         Self::NoData,
         Self::DownstreamReset,
@@ -158,6 +179,8 @@ impl Outcome {
         Self::UpstreamTruncated,
         Self::UpstreamTlsError,
         Self::IdleTimeout,
+        Self::IdleTimeoutStalled,
+        Self::UpstreamUnresponsive,
         Self::ConnectFailed,
         Self::ConnectTimeout,
         Self::HandshakeFailed,
@@ -174,6 +197,8 @@ impl Outcome {
             Self::UpstreamTruncated => "upstream_truncated",
             Self::UpstreamTlsError => "upstream_tls_error",
             Self::IdleTimeout => "idle_timeout",
+            Self::IdleTimeoutStalled => "idle_timeout_stalled",
+            Self::UpstreamUnresponsive => "upstream_unresponsive",
             Self::ConnectFailed => "connect_failed",
             Self::ConnectTimeout => "connect_timeout",
             Self::HandshakeFailed => "handshake_failed",

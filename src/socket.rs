@@ -1,4 +1,11 @@
-//! Socket options, through socket2.
+//! Socket options, through socket2, and what the kernel knows about a peer.
+//!
+//! A peer that is slow is not a dead one: a gateway under flow control keeps its
+//! window shut for as long as its backend is slow, and answers every probe. So there is
+//! no `TCP_USER_TIMEOUT` (on Linux it also bounds zero-window probing and would cut such
+//! a gateway after its value). Instead an idle connection is watched by keepalive, and
+//! a connection with bytes outstanding by `peer`, which asks the kernel (`TCP_INFO`)
+//! when the gateway last acknowledged anything.
 //!
 //! Invariant: an option the platform refuses (gVisor lacks some) is never fatal;
 //! `abort` always ends the connection, with RST when the platform allows it.
@@ -12,13 +19,20 @@ use std::{
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 
-/// Keepalive for upstream sockets: Google's network drops flows idle for 10 minutes.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
-const KEEPALIVE_PROBES: u32 = 5;
-/// Data the gateway has not acknowledged for this long means a dead path: the
-/// connection fails instead of waiting out TCP's ~15 minutes of retransmissions.
-const USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keepalive for upstream sockets: a probe after 30 s of silence, then every 10 s; 3
+/// unanswered and the kernel ends the connection, so an idle connection (pooled ones
+/// too) to a gateway that vanished is gone within 60 s. It also keeps the flow alive
+/// in Google's network, which drops flows idle for 10 minutes.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+/// A gateway that acknowledged nothing for this long while data or probes were
+/// outstanding is gone (an answering gateway acknowledges a retransmission within a
+/// few round trips, and a zero-window probe at once).
+const UNANSWERED: Duration = Duration::from_secs(60);
+/// Zero-window probes back off to one every 120 s (Linux's TCP_RTO_MAX): with one
+/// probe outstanding, silence this long means that probe went unanswered too.
+const UNANSWERED_SHUT_WINDOW: Duration = Duration::from_secs(150);
 
 /// Options for an accepted downstream socket.
 pub fn downstream(stream: &TcpStream) {
@@ -36,10 +50,77 @@ pub fn upstream(stream: &TcpStream) {
         "SO_KEEPALIVE",
         SockRef::from(stream).set_tcp_keepalive(&keepalive),
     );
-    tolerate(
-        "TCP_USER_TIMEOUT",
-        SockRef::from(stream).set_tcp_user_timeout(Some(USER_TIMEOUT)),
-    );
+}
+
+/// Whether nothing is pending on the socket: no bytes, no FIN, no error. A syscall
+/// (`recv` with `MSG_PEEK`), not the runtime's cached readiness, which is stale after
+/// the process was frozen while the peer closed.
+pub fn quiet(stream: &TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        SockRef::from(stream).peek(&mut byte),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock
+    )
+}
+
+/// What the kernel says about the upstream peer of a connection where nothing moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// Nothing is outstanding: keepalive watches the connection.
+    Idle,
+    /// It acknowledges what is sent (a shut window included: probes are answered).
+    Answering,
+    /// Data or probes have gone unacknowledged past the bounds above.
+    Unresponsive,
+}
+
+/// Judges the peer from `TCP_INFO`; `Answering` when the platform cannot tell.
+pub fn peer(stream: &TcpStream) -> Peer {
+    let info = match tcp_info(stream) {
+        Ok(info) => info,
+        Err(e) => {
+            tolerate("TCP_INFO", Err(e));
+            return Peer::Answering;
+        }
+    };
+    let silent = Duration::from_millis(info.tcpi_last_ack_recv.into());
+    let in_flight = info.tcpi_unacked > 0;
+    let probes = info.tcpi_probes;
+    let queued = info.tcpi_notsent_bytes > 0;
+    if !in_flight && !queued && probes == 0 {
+        return Peer::Idle;
+    }
+    let dead = (silent >= UNANSWERED && (in_flight || probes >= 2))
+        || (silent >= UNANSWERED_SHUT_WINDOW && (probes > 0 || queued));
+    match dead {
+        true => Peer::Unresponsive,
+        false => Peer::Answering,
+    }
+}
+
+/// `getsockopt(TCP_INFO)`: neither socket2 nor rustix offers it.
+#[allow(unsafe_code)]
+fn tcp_info(stream: &TcpStream) -> io::Result<libc::tcp_info> {
+    use std::os::fd::AsRawFd;
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the pointer and length describe `info`, a zeroed plain-data struct the
+    // kernel fills at most `len` bytes of (older kernels fill fewer: the rest stays 0);
+    // the descriptor is borrowed from a live socket for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised above, and every field is an integer: any bytes are valid.
+    Ok(unsafe { info.assume_init() })
 }
 
 /// Arranges for the socket to send RST instead of FIN when it is dropped.

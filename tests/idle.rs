@@ -85,7 +85,7 @@ async fn an_idle_timeout_with_bytes_still_owed_is_a_reset_not_a_clean_end() {
     let mut stream = TcpStream::connect(runnel.addr).await.unwrap();
     stream.write_all(b"?").await.unwrap();
     stream.shutdown().await.unwrap();
-    let closed = "runnel_downstream_connections_closed_total{outcome=\"idle_timeout\"} 1";
+    let closed = "runnel_downstream_connections_closed_total{outcome=\"idle_timeout_stalled\"} 1";
     runnel.metrics_until(closed, |m| m.contains(closed)).await;
     let end = tokio::time::timeout(DEADLINE, read_to_end(&mut stream))
         .await
@@ -95,5 +95,50 @@ async fn an_idle_timeout_with_bytes_still_owed_is_a_reset_not_a_clean_end() {
         "a stalled pair ended with a clean FIN after {} of {} bytes",
         end.map(|b| b.len()).unwrap_or(0),
         push.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_timeout_while_the_gateway_takes_nothing_is_a_reset_not_a_clean_end() {
+    let pki = pki();
+    // The gateway never reads: what the downstream sends piles up in the socket
+    // buffers, in rustls and in runnel, and nothing moves until the idle timeout.
+    let gateway = support::scripted::Scripted::bind(
+        pki.gateway_tls(&[b"http/1.1"]).unwrap(),
+        |_, tls| async move {
+            let _held = tls;
+            std::future::pending::<()>().await;
+        },
+    )
+    .await;
+    let mut v = vars(&pki, gateway.addr);
+    v.push(("RUNNEL_IDLE_TIMEOUT".into(), "1s".into()));
+    v.push(("RUNNEL_POOL_MAX".into(), "0".into()));
+    let runnel = Runnel::start(v).await;
+    let stream = TcpStream::connect(runnel.addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    // Push until the writes stall; the writer is then left blocked, and sees the end
+    // first if it is a reset (a socket reports its error to one call only).
+    let pusher = tokio::spawn(async move {
+        let chunk = vec![b'p'; 64 * 1024];
+        loop {
+            if let Err(e) = wr.write_all(&chunk).await {
+                return e.kind();
+            }
+        }
+    });
+    let stalled = "runnel_downstream_connections_closed_total{outcome=\"idle_timeout_stalled\"} 1";
+    runnel.metrics_until(stalled, |m| m.contains(stalled)).await;
+    let mut buf = [0u8; 1024];
+    let end = tokio::time::timeout(DEADLINE, rd.read(&mut buf))
+        .await
+        .unwrap();
+    let write_end = tokio::time::timeout(DEADLINE, pusher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        end.is_err() || write_end == std::io::ErrorKind::ConnectionReset,
+        "a pair with bytes owed to the gateway ended without a reset: read {end:?}, write {write_end:?}"
     );
 }

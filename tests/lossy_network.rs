@@ -15,11 +15,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde_json::Value;
 use support::{
     gateway::{Behaviour, DEADLINE, Gateway, binary_vars, pattern, pki, poll_until},
     netns::LossyLink,
-    process::{Process, START_TIMEOUT, clean_env, field},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -54,7 +52,7 @@ async fn a_thousand_random_transfers_over_one_percent_loss_and_20_ms_rtt_are_byt
     link.impair(gateway.addr.port(), ONE_WAY, LOSS);
     let listen = format!("{}:0", link.ns_addr);
     let vars = binary_vars(&pki, gateway.addr, &[("RUNNEL_LISTEN", &listen)]);
-    let (_runnel, addr) = start_in_namespace(&link, vars).await;
+    let (_runnel, addr) = link.start_runnel(vars).await;
 
     let seed = seed();
     let sizes = sizes(seed);
@@ -102,37 +100,6 @@ async fn a_thousand_random_transfers_over_one_percent_loss_and_20_ms_rtt_are_byt
         sending.as_secs_f64(),
         started.elapsed().as_secs_f64(),
     );
-}
-
-/// Starts the runnel binary inside the namespace, listening on the namespace's address,
-/// and waits for its "listening" line.
-async fn start_in_namespace(
-    link: &LossyLink,
-    vars: Vec<(String, String)>,
-) -> (Process, SocketAddr) {
-    let mut command = link.command(env!("CARGO_BIN_EXE_runnel"));
-    clean_env(&mut command, &vars);
-    tokio::task::spawn_blocking(move || {
-        let runnel = Process::spawn("runnel", command);
-        let line = runnel.wait_for_stderr(START_TIMEOUT, |line| {
-            serde_json::from_str::<Value>(line)
-                .is_ok_and(|v| field(&v, "message").and_then(Value::as_str) == Some("listening"))
-        });
-        let line = line.unwrap_or_else(|| {
-            panic!(
-                "runnel did not log \"listening\" within {START_TIMEOUT:?}:\n{}",
-                runnel.stderr().join("\n")
-            )
-        });
-        let v: Value = serde_json::from_str(&line).expect("checked above");
-        let addr = field(&v, "listen.addr")
-            .and_then(Value::as_str)
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no listen.addr in {line}"));
-        (runnel, addr)
-    })
-    .await
-    .unwrap()
 }
 
 /// Runs every transfer, `CONCURRENCY` at a time: each one's time, or what went wrong.

@@ -1,10 +1,10 @@
 //! A platform that refuses socket options (gVisor, Cloud Run's first-generation sandbox,
-//! has lacked `SO_LINGER` and `TCP_USER_TIMEOUT`): runnel carries on, logs each refused
-//! option once, and a truncated upstream still reaches the downstream as a reset.
+//! has lacked `SO_LINGER` and some keepalive knobs): runnel carries on, logs each
+//! refused option once, and a truncated upstream still reaches the downstream as a reset.
 //!
 //! The refusal is real: the runnel binary runs with an `LD_PRELOAD` shim, compiled here
-//! with the system C compiler, whose `setsockopt` fails those two options with
-//! `ENOPROTOOPT`, as such a kernel does. Everything else goes to the C library.
+//! with the system C compiler, whose `setsockopt` fails `SO_LINGER` and `TCP_KEEPCNT`
+//! with `ENOPROTOOPT`, as such a kernel does. Everything else goes to the C library.
 
 mod support;
 
@@ -27,7 +27,7 @@ const SHIM: &str = r#"
 int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
     static int (*real)(int, int, int, const void *, socklen_t);
     if ((level == SOL_SOCKET && name == SO_LINGER) ||
-        (level == IPPROTO_TCP && name == TCP_USER_TIMEOUT)) {
+        (level == IPPROTO_TCP && name == TCP_KEEPCNT)) {
         errno = ENOPROTOOPT;
         return -1;
     }
@@ -75,7 +75,7 @@ fn refused_options(stderr: &[String]) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn refused_linger_and_user_timeout_are_logged_once_and_truncation_still_resets() {
+async fn refused_linger_and_keepalive_are_logged_once_and_truncation_still_resets() {
     let dir = TempDir::new("socket-options");
     let Some(shim) = build_shim(&dir) else {
         return;
@@ -109,7 +109,7 @@ async fn refused_linger_and_user_timeout_are_logged_once_and_truncation_still_re
     let options = refused_options(&echo_runnel.stderr());
     assert_eq!(
         options,
-        ["TCP_USER_TIMEOUT"],
+        ["SO_KEEPALIVE"],
         "each refused option once; stderr:\n{}",
         echo_runnel.stderr().join("\n")
     );
@@ -130,7 +130,7 @@ async fn refused_linger_and_user_timeout_are_logged_once_and_truncation_still_re
     options.sort();
     assert_eq!(
         options,
-        ["SO_LINGER", "TCP_USER_TIMEOUT"],
+        ["SO_KEEPALIVE", "SO_LINGER"],
         "each refused option once; stderr:\n{}",
         stderr.join("\n")
     );

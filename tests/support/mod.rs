@@ -5,3 +5,4 @@ pub mod gateway;
 pub mod netns;
 pub mod nfqueue;
 pub mod process;
+pub mod scripted;

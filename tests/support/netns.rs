@@ -246,3 +246,60 @@ fn run(line: &str) -> Result<String, String> {
 fn must(line: &str) -> String {
     run(line).unwrap_or_else(|e| panic!("{e}"))
 }
+
+impl LossyLink {
+    /// Drops every TCP packet to and from `port` on the root end, both ways, silently:
+    /// a gateway that vanished (a dead node, a path that black-holes).
+    pub fn black_hole(&mut self, port: u16) {
+        let (dev, tag) = (&self.root_dev, format!("-m comment --comment {}", self.ns));
+        for (chain, spec) in [
+            (
+                "INPUT",
+                format!("-i {dev} -p tcp --dport {port} {tag} -j DROP"),
+            ),
+            (
+                "OUTPUT",
+                format!("-o {dev} -p tcp --sport {port} {tag} -j DROP"),
+            ),
+        ] {
+            must(&format!("iptables -t filter -I {chain} {spec}"));
+            self.rules
+                .push(format!("iptables -t filter -D {chain} {spec}"));
+        }
+    }
+
+    /// Starts the runnel binary inside the namespace with `vars` (listening on the
+    /// namespace's address) and waits for its "listening" line: the process and the
+    /// address it listens on.
+    pub async fn start_runnel(
+        &self,
+        vars: Vec<(String, String)>,
+    ) -> (super::process::Process, std::net::SocketAddr) {
+        use super::process::{Process, START_TIMEOUT, clean_env, field};
+        use serde_json::Value;
+        let mut command = self.command(env!("CARGO_BIN_EXE_runnel"));
+        clean_env(&mut command, &vars);
+        tokio::task::spawn_blocking(move || {
+            let runnel = Process::spawn("runnel", command);
+            let line = runnel.wait_for_stderr(START_TIMEOUT, |line| {
+                serde_json::from_str::<Value>(line).is_ok_and(|v| {
+                    field(&v, "message").and_then(Value::as_str) == Some("listening")
+                })
+            });
+            let line = line.unwrap_or_else(|| {
+                panic!(
+                    "runnel did not log \"listening\" within {START_TIMEOUT:?}:\n{}",
+                    runnel.stderr().join("\n")
+                )
+            });
+            let v: Value = serde_json::from_str(&line).expect("checked above");
+            let addr = field(&v, "listen.addr")
+                .and_then(Value::as_str)
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no listen.addr in {line}"));
+            (runnel, addr)
+        })
+        .await
+        .unwrap()
+    }
+}
