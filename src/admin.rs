@@ -18,34 +18,26 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{connect::Connector, pool::Pools};
+use crate::connect::Connector;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A handshake at least this recent shows the gateway reachable.
-const RECENT_HANDSHAKE: Duration = Duration::from_secs(60);
-
-/// What `/readyz` reports: listening, not draining, and the gateway reachable (a warm
-/// pool, or a recent successful handshake).
+/// What `/readyz` reports: listening, not draining, a client certificate valid for long
+/// enough, and a new connection would work now (`Connector::gateway_ok`: the latest
+/// attempts succeeded; idle pooled connections alone prove nothing).
 pub struct Health {
     pub listening: AtomicBool,
     pub draining: AtomicBool,
     connector: Arc<Connector>,
-    pools: Arc<Pools>,
     cert_min_validity: Duration,
 }
 
 impl Health {
-    pub fn new(
-        connector: Arc<Connector>,
-        pools: Arc<Pools>,
-        cert_min_validity: Duration,
-    ) -> Health {
+    pub fn new(connector: Arc<Connector>, cert_min_validity: Duration) -> Health {
         Health {
             listening: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             connector,
-            pools,
             cert_min_validity,
         }
     }
@@ -53,7 +45,7 @@ impl Health {
     pub fn ready(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
-            && (self.pools.idle() > 0 || self.connector.succeeded_within(RECENT_HANDSHAKE))
+            && self.connector.gateway_ok(crate::READY_WINDOW)
             && self.connector.cert_not_after() - crate::tls::unix_now()
                 > self.cert_min_validity.as_secs() as i64
     }

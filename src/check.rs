@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 
 use crate::{
-    config::{AlpnPolicy, Config},
+    config::Config,
     connect::{Connector, Offer},
     tls::rfc3339,
 };
@@ -18,23 +18,22 @@ use crate::{
 /// Connects once; `Ok` holds the report to print, `Err` the reason it failed.
 pub async fn run(config: &Config) -> Result<String, String> {
     let connector = Connector::new(config).map_err(|e| format!("TLS configuration: {e}"))?;
-    let offer = match config.alpn {
-        AlpnPolicy::Auto => Offer::Http1,
-        AlpnPolicy::None | AlpnPolicy::List(_) => Offer::Fixed,
-    };
     let mut connected = connector
-        .connect(offer)
+        .connect(Offer::plain(&config.alpn))
         .await
         .map_err(|e| format!("{} ({}): {e}", config.upstream, connect_hint(&e)))?;
     // Under TLS 1.3 a gateway that refuses the client certificate says so only after
     // the client's handshake is done: wait as the pool does before a connection counts.
-    crate::pool::admit(&mut connected).await.map_err(|reason| {
-        format!(
-            "{}: the gateway ended the connection right after the handshake ({}): check that it trusts this client certificate (RUNNEL_TLS_CERT_*)",
-            config.upstream,
-            reason.label()
-        )
-    })?;
+    crate::pool::admit(&connector, &mut connected)
+        .await
+        .map_err(|reason| {
+            format!(
+                "{}: the connection ended right after the handshake: {} ({}): check that it trusts this client certificate (RUNNEL_TLS_CERT_*)",
+                config.upstream,
+                reason.describe(),
+                reason.label()
+            )
+        })?;
     let info = &connected.info;
     let mut out = String::new();
     let _ = writeln!(out, "upstream          {} ({})", config.upstream, info.addr);

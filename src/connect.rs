@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -19,7 +19,12 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::Config, dns::Resolver, error::ConnectError, metrics, readahead::ReadAhead, socket,
+    config::{AlpnPolicy, Config},
+    dns::Resolver,
+    error::ConnectError,
+    metrics,
+    readahead::ReadAhead,
+    socket,
     tls::ClientConfigs,
 };
 
@@ -32,6 +37,10 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 const AVOID_FOR: Duration = Duration::from_secs(30);
 /// While no address is known, retry this often.
 const RESOLVE_RETRY: Duration = Duration::from_secs(1);
+/// This many failed attempts in a row, with no success between, and the gateway counts
+/// as unreachable: one stray reset under load does not flip readiness, an outage does
+/// within a few attempts.
+const FAILURES_TO_UNREADY: u32 = 3;
 
 /// Which ALPN offer (and so which `ClientConfig`) a connection uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +52,15 @@ pub enum Offer {
 }
 
 impl Offer {
+    /// The offer a connection without an h2c preface makes: what the probe and
+    /// `runnel check` use, so the gateway is judged on the protocol it is asked for.
+    pub fn plain(alpn: &AlpnPolicy) -> Offer {
+        match alpn {
+            AlpnPolicy::Auto => Offer::Http1,
+            AlpnPolicy::None | AlpnPolicy::List(_) => Offer::Fixed,
+        }
+    }
+
     /// Metric label.
     pub fn label(self) -> &'static str {
         match self {
@@ -82,10 +100,10 @@ pub struct HandshakeInfo {
 
 /// Everything needed to open upstream connections; shared by all connections.
 pub struct Connector {
-    /// Replaced whole on a TLS reload; each connection takes the current one.
-    configs: RwLock<Arc<ClientConfigs>>,
-    /// Counts reloads; pooled connections remember the generation they were made with.
-    generation: AtomicU64,
+    /// Replaced whole on a TLS reload, together with its generation (reloads so far):
+    /// one lock, so a connection never pairs old material with a new generation and
+    /// escapes the retirement of connections made before the reload.
+    configs: RwLock<(Arc<ClientConfigs>, u64)>,
     /// The current client certificate's notAfter, Unix seconds.
     cert_not_after: AtomicI64,
     /// Announces reloads (the new generation) to pooled connections.
@@ -96,15 +114,18 @@ pub struct Connector {
     /// Addresses that failed recently, and until when to try them last.
     avoid: Mutex<HashMap<SocketAddr, Instant>>,
     epoch: Instant,
-    /// When a handshake last succeeded, in ms since `epoch` (0 = never).
+    /// When the gateway last accepted a connection, in ms since `epoch` (0 = never).
     last_ok_millis: AtomicU64,
+    /// When a connection was last attempted (either result), in ms since `epoch`.
+    last_attempt_millis: AtomicU64,
+    /// Attempts that failed since the last success.
+    failures_in_row: AtomicU32,
 }
 
 impl Connector {
     pub fn new(config: &Config) -> Result<Connector, rustls::Error> {
         Ok(Connector {
-            configs: RwLock::new(Arc::new(ClientConfigs::new(config, &config.tls)?)),
-            generation: AtomicU64::new(0),
+            configs: RwLock::new((Arc::new(ClientConfigs::new(config, &config.tls)?), 0)),
             cert_not_after: AtomicI64::new(config.tls.cert_not_after),
             reloaded: tokio::sync::watch::Sender::new(0),
             server_name: config.server_name.clone(),
@@ -113,15 +134,24 @@ impl Connector {
             avoid: Mutex::new(HashMap::new()),
             epoch: Instant::now(),
             last_ok_millis: AtomicU64::new(0),
+            last_attempt_millis: AtomicU64::new(0),
+            failures_in_row: AtomicU32::new(0),
         })
     }
 
-    /// Connects and handshakes within the connect timeout.
+    /// Connects and handshakes within the connect timeout. A failure counts against
+    /// readiness (`mark_failed`) unless it is local (out of descriptors).
     pub async fn connect(&self, offer: Offer) -> Result<Connected, ConnectError> {
-        match tokio::time::timeout(self.timeout, self.connect_inner(offer)).await {
+        let result = match tokio::time::timeout(self.timeout, self.connect_inner(offer)).await {
             Ok(result) => result,
             Err(_) => Err(ConnectError::Timeout),
+        };
+        if let Err(e) = &result
+            && !e.is_local()
+        {
+            self.mark_failed();
         }
+        result
     }
 
     async fn connect_inner(&self, offer: Offer) -> Result<Connected, ConnectError> {
@@ -131,8 +161,7 @@ impl Connector {
         metrics::Handles::get().connect.record(connect_time);
         socket::upstream(&tcp);
 
-        let configs = self.current();
-        let generation = self.generation();
+        let (configs, generation) = self.current();
         let tls = match offer {
             Offer::H2 => &configs.h2,
             Offer::Http1 => &configs.http1,
@@ -231,7 +260,8 @@ impl Connector {
         self.resolver.addrs_mut()
     }
 
-    fn current(&self) -> Arc<ClientConfigs> {
+    /// The current configs and their generation, read together.
+    fn current(&self) -> (Arc<ClientConfigs>, u64) {
         match self.configs.read() {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
@@ -246,13 +276,14 @@ impl Connector {
         material: &crate::tls::Material,
     ) -> Result<(), rustls::Error> {
         let configs = Arc::new(ClientConfigs::new(config, material)?);
-        match self.configs.write() {
-            Ok(mut c) => *c = configs,
-            Err(p) => *p.into_inner() = configs,
-        }
+        let generation = {
+            let mut current = self.configs.write().unwrap_or_else(|p| p.into_inner());
+            let generation = current.1 + 1;
+            *current = (configs, generation);
+            generation
+        };
         self.cert_not_after
             .store(material.cert_not_after, Ordering::Relaxed);
-        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         self.reloaded.send_replace(generation);
         Ok(())
     }
@@ -264,7 +295,7 @@ impl Connector {
 
     /// The TLS material generation (0 at start, +1 per reload).
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
+        self.current().1
     }
 
     /// The current client certificate's notAfter, Unix seconds.
@@ -275,21 +306,49 @@ impl Connector {
     /// Notes that the gateway accepted a connection (it sent a ticket or data after the
     /// handshake, or passed the pool's probation): the readiness signal.
     pub fn mark_accepted(&self) {
-        self.last_ok_millis.store(
-            (self.epoch.elapsed().as_millis() as u64).max(1),
-            Ordering::Relaxed,
-        );
+        let now = self.now_millis();
+        self.last_ok_millis.store(now, Ordering::Relaxed);
+        self.last_attempt_millis.store(now, Ordering::Relaxed);
+        self.failures_in_row.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes that an attempt failed: refused, reset, timed out, a failed handshake, or
+    /// a connection the gateway refused right after its handshake.
+    pub fn mark_failed(&self) {
+        self.last_attempt_millis
+            .store(self.now_millis(), Ordering::Relaxed);
+        self.failures_in_row.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether a new connection would work now, judged by the latest attempts: the
+    /// gateway accepted one within `window`, and fewer than `FAILURES_TO_UNREADY`
+    /// attempts failed since.
+    pub fn gateway_ok(&self, window: Duration) -> bool {
+        let at = self.last_ok_millis.load(Ordering::Relaxed);
+        at != 0
+            && self.now_millis() <= at + window.as_millis() as u64
+            && self.failures_in_row.load(Ordering::Relaxed) < FAILURES_TO_UNREADY
+    }
+
+    /// Whether the latest attempt failed.
+    pub fn failing(&self) -> bool {
+        self.failures_in_row.load(Ordering::Relaxed) > 0
+    }
+
+    /// Whether any connection was attempted within `window`.
+    pub fn attempted_within(&self, window: Duration) -> bool {
+        let at = self.last_attempt_millis.load(Ordering::Relaxed);
+        at != 0 && self.now_millis() <= at + window.as_millis() as u64
+    }
+
+    /// Milliseconds since `epoch`, at least 1 (0 means never).
+    fn now_millis(&self) -> u64 {
+        (self.epoch.elapsed().as_millis() as u64).max(1)
     }
 
     /// TLS 1.3 session tickets held for resumption.
     pub fn tickets(&self) -> usize {
-        self.current().tickets.tickets()
-    }
-
-    /// Whether the gateway accepted a connection within `window`.
-    pub fn succeeded_within(&self, window: Duration) -> bool {
-        let at = self.last_ok_millis.load(Ordering::Relaxed);
-        at != 0 && self.epoch.elapsed().as_millis() as u64 <= at + window.as_millis() as u64
+        self.current().0.tickets.tickets()
     }
 
     /// Keeps DNS answers fresh until `stop`.

@@ -55,46 +55,60 @@ use crate::{admin::Health, connect::Connector, pool::Pools, tunnel::Shared};
 const ABORT_GRACE: Duration = Duration::from_secs(1);
 /// The least time start-up waits for the pools to warm before logging "ready".
 const WARM_UP_MIN: Duration = Duration::from_secs(1);
-/// Without a pool: a probe connection proves the gateway reachable once no handshake
-/// did for this long (well inside `/readyz`'s 60 s window).
-const PROBE_AFTER: Duration = Duration::from_secs(20);
+/// A probe connection is made when no connection was attempted for this long, so
+/// readiness always rests on an attempt at most this old (plus one connect timeout).
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+/// While the latest attempt failed, probes retry this often at most: a gateway that
+/// comes back is seen within this, plus one handshake.
+const PROBE_RETRY_MAX: Duration = Duration::from_secs(2);
+/// `/readyz` needs the gateway to have accepted a connection within this (probes keep
+/// it fresh), and no run of failures since.
+pub const READY_WINDOW: Duration = Duration::from_secs(20);
 
 /// Warms the pools and logs "ready"; bounded: an unreachable gateway delays readiness,
-/// never serving. Without pools, proves the gateway reachable instead, and keeps
-/// proving it while no traffic does (see `probe`).
+/// never serving. Then probes the gateway whenever nothing else tried it lately.
 async fn warm_up(
+    config: Arc<Config>,
     pools: Arc<Pools>,
     connector: Arc<Connector>,
-    connect_timeout: Duration,
     stop: CancellationToken,
 ) {
     let started = tokio::time::Instant::now();
-    if !pools.enabled() {
-        return probe(connector, stop).await;
+    if pools.enabled() {
+        let warm = pools
+            .warm(started + config.connect_timeout.max(WARM_UP_MIN))
+            .await;
+        tracing::info!(
+            pool.idle = pools.idle(),
+            warm,
+            took_ms = started.elapsed().as_millis() as u64,
+            "ready"
+        );
     }
-    let warm = pools.warm(started + connect_timeout.max(WARM_UP_MIN)).await;
-    tracing::info!(
-        pool.idle = pools.idle(),
-        warm,
-        took_ms = started.elapsed().as_millis() as u64,
-        "ready"
-    );
+    probe(&config, connector, !pools.enabled(), stop).await
 }
 
-/// Without a pool, `/readyz` rests on a recent successful handshake. Traffic makes
-/// them; when none came for `PROBE_AFTER`, one probe connection (handshake, admission,
-/// close_notify) does, so an idle instance with a reachable gateway stays ready and
-/// one whose gateway went away does not. Failures retry with backoff, logged once.
-async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
+/// `/readyz` judges the gateway by the latest attempts (pool refills, traffic, these
+/// probes). An idle instance makes none on its own (a full pool and no traffic), so when
+/// no connection was attempted for `PROBE_EVERY`, one probe connection (handshake,
+/// admission, close_notify) is; while attempts fail, probes retry with backoff up to
+/// `PROBE_RETRY_MAX`, so recovery shows within seconds. Failures are logged once.
+async fn probe(
+    config: &Config,
+    connector: Arc<Connector>,
+    log_ready: bool,
+    stop: CancellationToken,
+) {
+    let offer = connect::Offer::plain(&config.alpn);
     let started = tokio::time::Instant::now();
-    let (mut ready_logged, mut failing) = (false, false);
+    let (mut ready_logged, mut failing) = (!log_ready, false);
     let mut backoff = Duration::from_millis(100);
     loop {
-        let wait = if connector.succeeded_within(PROBE_AFTER) {
-            PROBE_AFTER / 4
+        let wait = if connector.attempted_within(PROBE_EVERY) && !connector.failing() {
+            PROBE_EVERY / 5
         } else {
             let probed = tokio::select! {
-                r = probe_once(&connector) => r,
+                r = probe_once(&connector, offer) => r,
                 _ = stop.cancelled() => return,
             };
             match probed {
@@ -108,7 +122,7 @@ async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
                         tracing::info!("probe: the gateway answers again");
                     }
                     failing = false;
-                    PROBE_AFTER / 4
+                    PROBE_EVERY / 5
                 }
                 Err(reason) => {
                     if !failing {
@@ -118,7 +132,7 @@ async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
                             "probe: the gateway is not reachable; retrying with backoff (logged once until it recovers)"
                         );
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(PROBE_RETRY_MAX);
                     backoff
                 }
             }
@@ -131,17 +145,14 @@ async fn probe(connector: Arc<Connector>, stop: CancellationToken) {
 }
 
 /// One probe connection: connected, admitted, closed with close_notify.
-async fn probe_once(connector: &Connector) -> Result<(), String> {
-    let mut c = connector
-        .connect(connect::Offer::Http1)
-        .await
-        .map_err(|e| {
-            metrics::upstream_error(e.kind());
-            e.to_string()
-        })?;
-    if let Err(reason) = pool::admit(&mut c).await {
+async fn probe_once(connector: &Connector, offer: connect::Offer) -> Result<(), String> {
+    let mut c = connector.connect(offer).await.map_err(|e| {
+        metrics::upstream_error(e.kind());
+        e.to_string()
+    })?;
+    if let Err(reason) = pool::admit(connector, &mut c).await {
         return Err(format!(
-            "the gateway ended the connection right after the handshake ({}): client certificate rejected?",
+            "the gateway ended the connection right after the handshake ({})",
             reason.label()
         ));
     }
@@ -189,11 +200,7 @@ pub async fn run(
         abort: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
-    let health = Arc::new(Health::new(
-        connector.clone(),
-        pools.clone(),
-        config.cert_min_validity,
-    ));
+    let health = Arc::new(Health::new(connector.clone(), config.cert_min_validity));
     let admin_stop = CancellationToken::new();
 
     tracker.spawn({
@@ -207,9 +214,9 @@ pub async fn run(
         stop.clone(),
     ));
     tracker.spawn(warm_up(
+        config.clone(),
         pools.clone(),
         connector.clone(),
-        config.connect_timeout,
         stop.clone(),
     ));
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());

@@ -59,7 +59,7 @@ pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
         UPSTREAM_ERRORS,
         "counter",
         "kind",
-        "upstream failures: dns, connect, timeout, tls_alert_from_gateway, certificate_rejected, certificate_untrusted, alpn_mismatch, handshake",
+        "upstream failures: dns, connect, timeout, closed_after_handshake, unresponsive, tls_alert_from_gateway, certificate_rejected, certificate_untrusted, alpn_mismatch, handshake",
     ),
     (
         CA_NOT_AFTER,
@@ -155,7 +155,7 @@ pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
         POOL_DISCARDS,
         "counter",
         "reason",
-        "pooled connections discarded: closed, unexpected_data, error, rejected, max_idle, drain, abandoned",
+        "pooled connections discarded: reloaded, closed, unexpected_data, error, rejected, goaway, stale, max_idle, drain, abandoned",
     ),
     (
         ACCEPT_ERRORS,

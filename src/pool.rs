@@ -1,16 +1,22 @@
 //! Pools of pre-handshaken upstream connections, one per ALPN offer.
 //!
 //! Every idle pooled connection has an owner task (`watch`) that keeps a read pending,
-//! so TLS 1.3 session tickets are stored as they arrive and a close, an alert or
-//! unexpected data retires the connection at once. Checkout asks an owner to hand its
-//! stream over; an owner that has retired cannot answer, so checkout never hands out a
-//! connection known to be dead. A filler task per pool keeps `idle + connecting` at a
-//! target that follows the rate of new connections, between `RUNNEL_POOL_MIN` and
-//! `RUNNEL_POOL_MAX`.
+//! so TLS 1.3 session tickets are stored as they arrive and a close, an alert, an
+//! HTTP/2 GOAWAY or unexpected data retires the connection at once (and its slot is
+//! refilled at once, not at the next checkout). Checkout asks an owner to hand its
+//! stream over; an owner that has retired cannot answer. A filler task per pool keeps
+//! `idle + connecting` at a target that follows the rate of new connections, between
+//! `RUNNEL_POOL_MIN` and `RUNNEL_POOL_MAX`.
 //!
-//! Invariant: a connection enters the pool only after the gateway has shown that it
-//! accepted the client certificate (TLS 1.2: its Finished; TLS 1.3: a session ticket,
-//! or a quiet probation period with no alert).
+//! Invariants:
+//! - a connection enters the pool only after the gateway has shown that it accepted
+//!   the client certificate (TLS 1.2: its Finished; TLS 1.3: a session ticket, or a
+//!   quiet probation period with no alert);
+//! - a connection is handed out only after a fresh look at its socket (a syscall, not
+//!   the runtime's cached readiness, which is stale after the process was frozen)
+//!   finds nothing pending, and while it is younger than `RUNNEL_POOL_MAX_IDLE`;
+//! - a connection made with TLS material that has since been reloaded is never handed
+//!   out; it retires within `RELOAD_SPREAD`.
 
 use std::{
     future::poll_fn,
@@ -35,7 +41,7 @@ use crate::{
     config::{AlpnPolicy, Config},
     connect::{Connected, Connector, Offer},
     error::ConnectError,
-    metrics,
+    metrics, socket,
 };
 
 /// Handshakes one pool may run at once: bounds the burst on the gateway and paces
@@ -58,6 +64,10 @@ const PROBATION_MIN: Duration = Duration::from_millis(20);
 const PROBATION_MAX: Duration = Duration::from_secs(2);
 /// The least a resumed connection waits for new tickets before it is admitted anyway.
 const RESUMED_WAIT_MIN: Duration = Duration::from_millis(1);
+/// Pooled connections retire at a random point between this share of
+/// `RUNNEL_POOL_MAX_IDLE` and all of it, so connections made together (at start, after
+/// a reload) are not all replaced at once, and none outlives the setting.
+const MAX_IDLE_SPREAD: f64 = 0.2;
 
 /// Why a pooled connection was discarded (metric label).
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +75,12 @@ pub enum Discard {
     Closed,
     UnexpectedData,
     Error,
+    /// The gateway refused the client certificate (a certificate alert).
     Rejected,
+    /// An HTTP/2 gateway sent GOAWAY: it will take no new streams on it.
+    GoAway,
+    /// Something was pending on it at checkout (after the process was frozen, say).
+    Stale,
     MaxIdle,
     Drain,
     /// The checkout that asked for it had gone by the time it was handed over.
@@ -75,12 +90,14 @@ pub enum Discard {
 }
 
 impl Discard {
-    pub const ALL: [Discard; 8] = [
+    pub const ALL: [Discard; 10] = [
         Discard::Reloaded,
         Discard::Closed,
         Discard::UnexpectedData,
         Discard::Error,
         Discard::Rejected,
+        Discard::GoAway,
+        Discard::Stale,
         Discard::MaxIdle,
         Discard::Drain,
         Discard::Abandoned,
@@ -92,6 +109,8 @@ impl Discard {
             Discard::UnexpectedData => "unexpected_data",
             Discard::Error => "error",
             Discard::Rejected => "rejected",
+            Discard::GoAway => "goaway",
+            Discard::Stale => "stale",
             Discard::MaxIdle => "max_idle",
             Discard::Drain => "drain",
             Discard::Abandoned => "abandoned",
@@ -202,6 +221,11 @@ impl Pools {
     /// Notes that the gateway answered on a connection (readiness).
     pub fn mark_accepted(&self) {
         self.connector.mark_accepted();
+    }
+
+    /// Notes that the gateway refused a connection after its handshake (readiness).
+    pub fn mark_failed(&self) {
+        self.connector.mark_failed();
     }
 
     /// Idle pooled connections, all pools together.
@@ -350,26 +374,34 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         c = pools.connector.connect(pool.offer) => c,
         _ = pools.stop.cancelled() => return true,
     };
+    let failed = |what: &str, kind: &str| {
+        if !pool.failing.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                alpn = pool.offer.label(),
+                error = what,
+                kind,
+                "pool: upstream connection failed; retrying with backoff (logged once until it recovers)"
+            );
+        } else {
+            tracing::debug!(
+                alpn = pool.offer.label(),
+                error = what,
+                kind,
+                "pool: upstream connection failed again"
+            );
+        }
+        false
+    };
     let mut connected = match connected {
         Ok(c) => c,
         Err(e) => {
             metrics::upstream_error(e.kind());
-            if !pool.failing.swap(true, Ordering::Relaxed) {
-                tracing::warn!(alpn = pool.offer.label(), error = %e, kind = e.kind(), "pool: upstream connection failed; retrying with backoff (logged once until it recovers)");
-            } else {
-                tracing::debug!(alpn = pool.offer.label(), error = %e, "pool: upstream connection failed again");
-            }
-            return false;
+            return failed(&e.to_string(), e.kind());
         }
     };
-    if let Err(reason) = admit(&mut connected).await {
+    if let Err(reason) = admit(&pools.connector, &mut connected).await {
         metrics::pool_discard(reason.label());
-        tracing::warn!(
-            alpn = pool.offer.label(),
-            reason = reason.label(),
-            "pool: the gateway refused a new connection after the handshake (client certificate rejected?)"
-        );
-        return false;
+        return failed(reason.describe(), reason.label());
     }
     // Until admitted a connection is no use: the dial time includes admission.
     let elapsed = started.elapsed().as_micros() as u64;
@@ -382,7 +414,6 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
         },
         Ordering::Relaxed,
     );
-    pools.connector.mark_accepted();
     if pool.failing.swap(false, Ordering::Relaxed) {
         tracing::info!(
             alpn = pool.offer.label(),
@@ -403,18 +434,42 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
     true
 }
 
-/// Waits until the gateway has shown it accepted our certificate. Also stores the
-/// session tickets that arrive meanwhile. A refusal counts as a `certificate_rejected`
-/// upstream error.
-pub async fn admit(connected: &mut Connected) -> Result<(), Discard> {
-    let admitted = wait_for_acceptance(connected).await;
-    if let Err(Discard::Rejected) = admitted {
-        metrics::upstream_error("certificate_rejected");
+/// Waits until the gateway has shown it accepted our certificate, storing the session
+/// tickets that arrive meanwhile, and tells `connector` how the attempt went
+/// (readiness). A refusal is counted by its cause: only a certificate alert is a
+/// `certificate_rejected` upstream error; a reset or a close right after the handshake
+/// is `closed_after_handshake` (an overloaded or draining gateway, not our identity).
+pub async fn admit(connector: &Connector, connected: &mut Connected) -> Result<(), Discard> {
+    match wait_for_acceptance(connected).await {
+        Ok(()) => {
+            connector.mark_accepted();
+            Ok(())
+        }
+        Err((reason, kind)) => {
+            connector.mark_failed();
+            metrics::upstream_error(kind);
+            Err(reason)
+        }
     }
-    admitted
 }
 
-async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Discard> {
+impl Discard {
+    /// What an operator reads when a new connection is refused this way.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Discard::Rejected => "the gateway rejected the client certificate",
+            Discard::UnexpectedData => "the gateway sent data nobody asked for",
+            Discard::GoAway => "the gateway sent HTTP/2 GOAWAY",
+            Discard::Error => "the gateway ended the connection with an error",
+            _ => "the gateway closed the connection right after the handshake",
+        }
+    }
+}
+
+/// A refused admission: why, and the `runnel_upstream_errors_total` kind.
+type Refusal = (Discard, &'static str);
+
+async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Refusal> {
     let tls13 = connected.stream.get_ref().1.protocol_version() == Some(ProtocolVersion::TLSv1_3);
     if !tls13 {
         // TLS 1.2: the gateway's Finished came after it verified our certificate.
@@ -441,7 +496,7 @@ async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Discard> {
         let mut buf = ReadBuf::new(&mut byte);
         match Pin::new(&mut connected.stream).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                return Poll::Ready(Err(Discard::Closed));
+                return Poll::Ready(Err((Discard::Closed, CLOSED_AFTER_HANDSHAKE)));
             }
             // An HTTP/2 server's preface: kept for the downstream, and proof enough
             // that the gateway accepted us.
@@ -449,8 +504,10 @@ async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Discard> {
                 connected.early.extend_from_slice(buf.filled());
                 return Poll::Ready(Ok(()));
             }
-            Poll::Ready(Ok(())) => return Poll::Ready(Err(Discard::UnexpectedData)),
-            Poll::Ready(Err(_)) => return Poll::Ready(Err(Discard::Rejected)),
+            Poll::Ready(Ok(())) => {
+                return Poll::Ready(Err((Discard::UnexpectedData, "handshake")));
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(refusal(&e))),
             Poll::Pending => {}
         }
         if connected.stream.get_ref().1.tls13_tickets_received() > 0 {
@@ -459,6 +516,23 @@ async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Discard> {
         deadline.as_mut().poll(cx).map(Ok)
     })
     .await
+}
+
+/// The upstream error kind of a gateway that ends a connection at once, without an
+/// alert: overloaded, draining, or an idle limit shorter than the probation.
+const CLOSED_AFTER_HANDSHAKE: &str = "closed_after_handshake";
+
+/// Classifies a read error on a freshly made connection.
+fn refusal(e: &std::io::Error) -> Refusal {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => match crate::error::tls_error_kind(e) {
+            "certificate_rejected" => (Discard::Rejected, "certificate_rejected"),
+            kind => (Discard::Error, kind),
+        },
+        // rustls: a TCP EOF without close_notify.
+        std::io::ErrorKind::UnexpectedEof => (Discard::Closed, CLOSED_AFTER_HANDSHAKE),
+        _ => (Discard::Error, CLOSED_AFTER_HANDSHAKE),
+    }
 }
 
 /// An HTTP/2 server may send its SETTINGS before the client says anything; any
@@ -471,9 +545,27 @@ fn may_speak_first(connected: &Connected) -> bool {
 /// tens of bytes).
 const EARLY_LIMIT: usize = 16 * 1024;
 
+/// Whether the HTTP/2 frames a server sent on an idle connection include GOAWAY
+/// (type 0x7): the gateway is draining it and will refuse new streams. Only frame
+/// headers are read (9 bytes: length, type, flags, stream), never their payloads.
+fn has_goaway(frames: &[u8]) -> bool {
+    const GOAWAY: u8 = 0x7;
+    let mut at = 0;
+    while let Some(header) = frames.get(at..at + 9) {
+        if header[3] == GOAWAY {
+            return true;
+        }
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        at += 9 + len;
+    }
+    false
+}
+
 enum Event {
     Take(Result<oneshot::Sender<Connected>, oneshot::error::RecvError>),
     Read(std::io::Result<usize>),
+    GoAway,
+    Stale,
     MaxIdle,
     Drain,
     Reloaded,
@@ -493,6 +585,22 @@ async fn outdated(mut reloads: tokio::sync::watch::Receiver<u64>, made_with: u64
     tokio::time::sleep(RELOAD_SPREAD.mul_f64(jitter)).await;
 }
 
+/// A uniform random number in [0, 1), different for every call (std's per-instance
+/// random hash keys, so no extra crate for the one thing that needs randomness).
+fn random_unit() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A pooled connection's age at retirement: random within the last `MAX_IDLE_SPREAD`
+/// of `max_idle`, never past it.
+fn retire_after(max_idle: Duration) -> Duration {
+    max_idle.mul_f64(1.0 - MAX_IDLE_SPREAD * random_unit())
+}
+
 /// Owns one idle pooled connection until it is taken or retired.
 async fn watch(
     pools: Arc<Pools>,
@@ -500,13 +608,11 @@ async fn watch(
     mut connected: Connected,
     mut taken: oneshot::Receiver<oneshot::Sender<Connected>>,
 ) {
-    // Jitter spreads retirements, so connections made together are not replaced together.
-    let jitter = 0.9 + 0.2 * (connected.info.addr.port() as f64 % 97.0) / 97.0;
     let admitted = Instant::now();
-    let retire_at = admitted + pools.max_idle.mul_f64(jitter);
+    let retire_at = admitted + retire_after(pools.max_idle);
     let mut chunk = [0u8; 512];
     let speaks_first = may_speak_first(&connected);
-    let event = loop {
+    let mut event = loop {
         // Biased, the read first: a close, an alert or data that arrived together with
         // a checkout retires the connection instead of being handed out with it.
         let event = tokio::select! {
@@ -515,18 +621,33 @@ async fn watch(
             t = &mut taken => Event::Take(t),
             _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
             _ = pools.stop.cancelled() => Event::Drain,
-            _ = outdated(pools.connector.reloads(), connected.info.generation, (jitter - 0.9) / 0.2) => Event::Reloaded,
+            _ = outdated(pools.connector.reloads(), connected.info.generation, random_unit()) => Event::Reloaded,
         };
         match event {
             Event::Read(Ok(n))
                 if n > 0 && speaks_first && connected.early.len() + n <= EARLY_LIMIT =>
             {
                 connected.early.extend_from_slice(&chunk[..n]);
+                if has_goaway(&connected.early) {
+                    break Event::GoAway;
+                }
             }
             other => break other,
         }
     };
-    if matches!(event, Event::Read(_)) && admitted.elapsed() < EARLY_END {
+    // The runtime's readiness may be stale (the process was frozen while the gateway
+    // closed it), and timers late: look at the socket itself before handing it out.
+    // Replacing the event drops the checkout's reply: it moves on to the next owner.
+    if let Event::Take(Ok(_)) = &event {
+        if admitted.elapsed() >= pools.max_idle {
+            event = Event::MaxIdle;
+        } else if connected.info.generation < pools.connector.generation() {
+            event = Event::Reloaded;
+        } else if !socket::quiet(connected.stream.get_ref().0.tcp()) {
+            event = Event::Stale;
+        }
+    }
+    if matches!(event, Event::Read(_) | Event::GoAway) && admitted.elapsed() < EARLY_END {
         pool.failures.fetch_add(1, Ordering::Relaxed);
     }
     pool.idle_count.fetch_sub(1, Ordering::Relaxed);
@@ -546,16 +667,60 @@ async fn watch(
         Event::Take(Err(_)) | Event::Drain => Discard::Drain,
         Event::MaxIdle => Discard::MaxIdle,
         Event::Reloaded => Discard::Reloaded,
+        Event::GoAway => Discard::GoAway,
+        Event::Stale => Discard::Stale,
         Event::Read(Ok(0)) => Discard::Closed,
         Event::Read(Ok(_)) => Discard::UnexpectedData,
         Event::Read(Err(_)) => Discard::Error,
     };
+    // The checkout slot goes before the close: a checkout that pops this owner now is
+    // told at once that it has retired, rather than waiting out the close below.
+    drop(taken);
     metrics::pool_discard(reason.label());
     if matches!(
         reason,
-        Discard::MaxIdle | Discard::Drain | Discard::Abandoned | Discard::Reloaded
+        Discard::MaxIdle
+            | Discard::Drain
+            | Discard::Abandoned
+            | Discard::Reloaded
+            | Discard::GoAway
     ) {
         // A clean goodbye: close_notify, then FIN.
         let _ = tokio::time::timeout(Duration::from_secs(1), connected.stream.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retirement_ages_are_spread_over_the_last_fifth_and_never_past_max_idle() {
+        let max_idle = Duration::from_secs(120);
+        let ages: Vec<Duration> = (0..1000).map(|_| retire_after(max_idle)).collect();
+        assert!(
+            ages.iter()
+                .all(|a| *a <= max_idle && *a >= max_idle.mul_f64(0.8))
+        );
+        let (min, max) = (ages.iter().min().unwrap(), ages.iter().max().unwrap());
+        assert!(
+            *max - *min > Duration::from_secs(20),
+            "spread {min:?}..{max:?}"
+        );
+    }
+
+    #[test]
+    fn goaway_is_found_among_server_frames_and_not_in_payloads() {
+        let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
+        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 7, 7];
+        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(!has_goaway(&settings));
+        assert!(!has_goaway(&[&settings[..], &ping[..]].concat()));
+        assert!(has_goaway(&[&settings[..], &goaway[..]].concat()));
+        // A 7 in a payload is not a frame type.
+        let tricky = [0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+        assert!(!has_goaway(&tricky));
+        // A header cut short is not read past.
+        assert!(!has_goaway(&goaway[..5]));
     }
 }

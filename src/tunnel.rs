@@ -178,6 +178,7 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
     // handshake: to the user it is the handshake that failed.
     if report.upstream_error == Some("certificate_rejected") && report.to_downstream == 0 {
         report.outcome = Outcome::HandshakeFailed;
+        shared.pools.mark_failed();
     }
     (report, Some(info))
 }

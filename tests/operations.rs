@@ -250,9 +250,9 @@ async fn readyz_is_false_while_the_gateway_is_unreachable_and_true_once_it_answe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_pool_an_idle_instance_probes_the_gateway_and_stays_ready() {
-    // /readyz rests on a handshake in the last 60 s; with no pool and no traffic,
-    // runnel makes one itself about every 20 s. This test waits for one (tens of
-    // seconds): a real interval, not a readiness sleep.
+    // /readyz rests on the latest attempts; with no pool and no traffic, runnel makes
+    // one itself about every 5 s. This test waits for one (seconds): a real interval,
+    // not a readiness sleep.
     let pki = pki();
     let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
     let mut v = vars(&pki, gateway.addr);

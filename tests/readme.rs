@@ -55,3 +55,46 @@ fn readme_metric_table_matches_the_code() {
         "README metric table (name, type, labels) differs from metrics::CATALOGUE"
     );
 }
+
+/// Every value a bounded label can take is named in the README: the outcomes in the
+/// paragraph after the metric table, the upstream error kinds and discard reasons in
+/// their metrics' rows.
+#[test]
+fn readme_names_every_label_value_the_code_can_emit() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let row = |metric: &str| -> String {
+        readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{metric}`")))
+            .unwrap_or_else(|| panic!("no README row for {metric}"))
+            .to_owned()
+    };
+    let outcomes = readme
+        .split("Outcomes (`outcome` label):")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("an outcomes paragraph");
+    for outcome in runnel::error::Outcome::ALL {
+        assert!(
+            outcomes.contains(&format!("`{}`", outcome.label())),
+            "outcome {} is not in the README",
+            outcome.label()
+        );
+    }
+    let kinds = row("runnel_upstream_errors_total");
+    for kind in runnel::error::UPSTREAM_ERROR_KINDS {
+        assert!(
+            kinds.contains(kind),
+            "upstream error kind {kind} is not in the README"
+        );
+    }
+    let reasons = row("runnel_pool_discards_total");
+    for reason in runnel::pool::Discard::ALL {
+        assert!(
+            reasons.contains(reason.label()),
+            "discard reason {} is not in the README",
+            reason.label()
+        );
+    }
+}
