@@ -541,57 +541,19 @@ fn every_gateway_replica_mounts_the_same_session_ticket_keys() {
         .iter()
         .find(|v| v["name"] == mount["name"])
         .unwrap_or_else(|| panic!("no volume {}", mount["name"]));
-    let sources = volume["projected"]["sources"]
-        .as_array()
-        .expect("a projected volume");
-    let files = |kind: &str, name: &str| -> Vec<String> {
-        let source = sources
-            .iter()
-            .find(|s| s[kind]["name"] == name)
-            .unwrap_or_else(|| panic!("the ticket volume lacks {kind} {name}"));
-        assert!(
-            source[kind]["optional"] != true,
-            "{kind} {name} is optional"
-        );
-        source[kind]["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| format!("{TICKET_DIR}/{}", i["path"].as_str().unwrap()))
-            .collect()
-    };
-    let keys = files("secret", TICKET_SECRET);
-    let config_map = find_kind("istio/session-tickets.yaml", "ConfigMap");
-    let config_files = files(
-        "configMap",
-        config_map["metadata"]["name"].as_str().unwrap(),
-    );
-
-    // The SDS file names only keys of that Secret, in that directory.
-    let sds: Value = serde_yaml_ng::from_str(config_map["data"]["sds.yaml"].as_str().unwrap())
-        .expect("sds.yaml parses");
-    let resource = &sds["resources"][0];
-    assert_eq!(
-        resource["@type"],
-        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
-    );
-    let named: Vec<&str> = resource["session_ticket_keys"]["keys"]
+    let secret = &volume["secret"];
+    assert_eq!(secret["secretName"], TICKET_SECRET, "{volume}");
+    assert!(secret["optional"] != true, "the ticket keys are optional");
+    let files: Vec<String> = secret["items"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|k| k["filename"].as_str().unwrap())
+        .map(|i| format!("{TICKET_DIR}/{}", i["path"].as_str().unwrap()))
         .collect();
-    assert!(!named.is_empty());
-    for key in &named {
-        assert!(
-            keys.iter().any(|k| k == key),
-            "{key} is not a key of {TICKET_SECRET}"
-        );
-    }
 
-    // The EnvoyFilter reads that SDS file, watches that directory, and patches the TLS
-    // filter chain of the Gateway's server, on the gateway.
-    let filter = find_kind("istio/session-tickets.yaml", "EnvoyFilter");
+    // The EnvoyFilter reads that Secret's SDS file, watches its directory, and patches
+    // the TLS filter chain of the Gateway's server, on the gateway.
+    let filter = find("istio/session-tickets.yaml");
     let patches = filter["spec"]["configPatches"].as_array().unwrap();
     assert_eq!(patches.len(), 1);
     let patch = &patches[0];
@@ -608,14 +570,54 @@ fn every_gateway_replica_mounts_the_same_session_ticket_keys() {
     let socket = &patch["patch"]["value"]["transport_socket"];
     assert_eq!(socket["name"], "envoy.transport_sockets.tls");
     let sds_config = &socket["typed_config"]["session_ticket_keys_sds_secret_config"];
-    assert_eq!(sds_config["name"], resource["name"], "SDS resource name");
     let source = &sds_config["sds_config"]["path_config_source"];
     let path = source["path"].as_str().unwrap().to_owned();
     assert!(
-        config_files.contains(&path),
-        "{path} is not the ConfigMap's file"
+        files.contains(&path),
+        "{path} is not a file of {TICKET_SECRET}"
     );
     assert_eq!(source["watched_directory"]["path"], TICKET_DIR);
+
+    // What ticket-keys.sh puts in the Secret: the resource the EnvoyFilter names, with
+    // two inline 80-byte keys (Envoy applies a reload only when the resource changes, so
+    // the keys are in it, not in files it names), and a rotation keeps the old first key
+    // as the second.
+    let Some(openssl) = peer("TEST_OPENSSL_BIN", "openssl") else {
+        return;
+    };
+    let scratch = TempDir::new("ticket-keys");
+    let fresh = ticket_keys(&openssl, None);
+    let keys = |sds: &str| -> Vec<String> {
+        let sds: Value = serde_yaml_ng::from_str(sds).expect("ticket-keys.sh output parses");
+        let resource = &sds["resources"][0];
+        assert_eq!(
+            resource["@type"],
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+        );
+        assert_eq!(resource["name"], sds_config["name"], "SDS resource name");
+        let keys: Vec<String> = resource["session_ticket_keys"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["inline_bytes"].as_str().expect("inline keys").to_owned())
+            .collect();
+        for key in &keys {
+            // 80 bytes are 108 base64 characters, the last one padding.
+            assert_eq!((key.len(), key.matches('=').count()), (108, 1), "{key}");
+        }
+        keys
+    };
+    let first = keys(&fresh);
+    assert_eq!(first.len(), 2);
+    assert_ne!(first[0], first[1]);
+    let previous = scratch.path().join("previous.yaml");
+    std::fs::write(&previous, &fresh).unwrap();
+    let rotated = keys(&ticket_keys(&openssl, Some(&previous)));
+    assert_eq!(rotated[1], first[0], "the rotation keeps the old first key");
+    assert!(
+        !first.contains(&rotated[0]),
+        "the rotation brings a fresh key"
+    );
 }
 
 #[test]
@@ -976,6 +978,24 @@ fn find_kind(file: &str, kind: &str) -> Value {
         .unwrap_or_else(|| panic!("deploy/{file} has no {kind}"));
     assert!(docs.next().is_none(), "deploy/{file} has several {kind}s");
     doc.doc
+}
+
+/// What `sh deploy/istio/ticket-keys.sh [previous]` prints, with `openssl` on PATH.
+fn ticket_keys(openssl: &Path, previous: Option<&Path>) -> String {
+    let mut command = Command::new("sh");
+    command
+        .arg(deploy_dir().join("istio/ticket-keys.sh"))
+        .args(previous);
+    let dir = openssl.parent().unwrap().as_os_str().to_owned();
+    let path = std::env::join_paths(std::iter::once(PathBuf::from(dir)).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    command.env("PATH", path);
+    let output = command.output().expect("run sh");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ticket-keys.sh: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
 }
 
 /// deploy/README.md.

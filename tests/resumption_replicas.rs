@@ -5,12 +5,14 @@
 //! small TCP relay in front of them plays the internal passthrough load balancer and
 //! alternates new connections between them, and runnel, with its pool off
 //! (RUNNEL_POOL_MAX=0, so every downstream connection is a fresh upstream dial and
-//! handshake), sits in front. Each replica gets the TLS patch and SDS file that
-//! deploy/istio/session-tickets.yaml ships, read from that file: once with both
-//! replicas mounting the same keys, once with keys of their own. The share of resumed
-//! handshakes, as runnel counts it (`runnel_upstream_resumption_ratio`, the full and
-//! resumed handshake counters) and as the Envoys count it (`ssl.handshake`,
-//! `ssl.session_reused`), must be clearly higher with shared keys.
+//! handshake), sits in front. Each replica gets the TLS patch of
+//! deploy/istio/session-tickets.yaml, read from that file, and an SDS key file made by
+//! deploy/istio/ticket-keys.sh: once with both replicas mounting the same file, once
+//! with a file of their own each. The share of resumed handshakes, as runnel counts it
+//! (`runnel_upstream_resumption_ratio`, the full and resumed handshake counters) and as
+//! the Envoys count it (`ssl.handshake`, `ssl.session_reused`), must be clearly higher
+//! with shared keys. A rotation done as deploy/README.md says must reach every replica
+//! without a restart and cost no resumption.
 //!
 //! Invariant: every figure printed and asserted comes from a run of the same shape,
 //! sequential connections that each finish a request, so that the TLS 1.3 tickets of
@@ -22,6 +24,7 @@ mod support;
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::Command,
     sync::{
@@ -29,7 +32,7 @@ use std::{
         atomic::{AtomicUsize, Ordering},
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use runnel::{
@@ -47,9 +50,13 @@ use support::{
 const CONNECTIONS: usize = 200;
 /// Where deploy/ mounts the keys and the SDS file on every gateway replica.
 const DEPLOYED_KEY_DIR: &str = "/etc/runnel-ticket-keys";
-/// Envoy requires 80-byte session-ticket keys.
-const TICKET_KEY_BYTES: usize = 80;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections before and after a key rotation.
+const ROTATION_CONNECTIONS: usize = 50;
+/// The SDS resource the shipped ConfigMap defines.
+const TICKET_SECRET: &str = "runnel-session-ticket-keys";
+/// How long a replica may take to see a rotation (inotify: milliseconds, normally).
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[test]
 fn replicas_sharing_ticket_keys_resume_most_handshakes_and_replicas_with_their_own_do_not() {
@@ -90,6 +97,49 @@ fn replicas_sharing_ticket_keys_resume_most_handshakes_and_replicas_with_their_o
         separate.ratio,
         shared.ratio
     );
+}
+
+#[test]
+fn rotated_ticket_keys_reach_every_replica_without_a_restart_and_earlier_tickets_still_resume() {
+    let Some(envoy) = peer("TEST_ENVOY_BIN", "envoy") else {
+        return;
+    };
+    let stack = Stack::start(&envoy, Keys::Shared);
+    stack.connect(ROTATION_CONNECTIONS);
+    let before = stack.figures();
+    rotate(&stack.key_dirs[0], 1, Rotation::KeepPrevious);
+    stack.wait_for_reload(2);
+    stack.connect(ROTATION_CONNECTIONS);
+    let after = stack.figures();
+    let share = resumed_share(&before, &after);
+    println!(
+        "after a rotation of the shared keys (a fresh first key, the previous first key second), \
+         {ROTATION_CONNECTIONS} new connections: {share:.3} resumed; {after}"
+    );
+    // The first connection after the rotation resumes a ticket made with the old key
+    // (now key-1); the tickets it brings back are made with the new key-0.
+    assert!(
+        share > 0.8,
+        "only {share:.3} resumed after the rotation: {after}"
+    );
+
+    // The replicas really use the new keys: once both keys are replaced, the next
+    // connection's ticket (made with the key just dropped) no longer resumes.
+    rotate(&stack.key_dirs[0], 2, Rotation::DropAll);
+    stack.wait_for_reload(3);
+    stack.connect(1);
+    let dropped = stack.figures();
+    assert_eq!(
+        (dropped.full - after.full, dropped.resumed - after.resumed),
+        (1, 0),
+        "a ticket made with a dropped key still resumed: the replicas kept the old keys"
+    );
+}
+
+fn resumed_share(before: &Figures, after: &Figures) -> f64 {
+    let full = after.full - before.full;
+    let resumed = after.resumed - before.resumed;
+    resumed as f64 / (full + resumed) as f64
 }
 
 /// Which session-ticket keys the two replicas get.
@@ -140,74 +190,132 @@ impl std::fmt::Display for Figures {
 /// Starts two replicas with `keys`, the balancer and runnel; makes CONNECTIONS new
 /// connections through runnel, one after the other; reads the counters.
 fn run(envoy: &Path, keys: Keys) -> Figures {
-    let dir = TempDir::new("resumption");
-    let pki_dir = dir.path().join("pki");
-    Pki::generate()
-        .expect("generate the test PKI")
-        .write_to(&pki_dir)
-        .expect("write the test PKI");
-    let backend = Backend::start();
-    let key_dirs: Vec<PathBuf> = match keys {
-        Keys::Shared => vec![key_dir(&dir.path().join("keys")); 2],
-        Keys::Separate => (0..2)
-            .map(|i| key_dir(&dir.path().join(format!("keys-{i}"))))
-            .collect(),
-    };
-    let replicas: Vec<Replica> = key_dirs
-        .iter()
-        .enumerate()
-        .map(|(i, keys)| Replica::start(envoy, &dir, i, &pki_dir, keys, backend.addr))
-        .collect();
-    let balancer = RoundRobin::start(replicas.iter().map(|r| r.addr).collect());
+    let stack = Stack::start(envoy, keys);
+    stack.connect(CONNECTIONS);
+    stack.figures()
+}
 
-    let file = |name: &str| pki_dir.join(name).to_str().expect("UTF-8").to_owned();
-    let upstream = balancer.addr.to_string();
-    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client-key.pem"));
-    let (runnel, Listening { listen, metrics }) = Runnel::serve(&[
-        ("RUNNEL_UPSTREAM", &upstream),
-        ("RUNNEL_SERVER_NAME", GATEWAY_NAME),
-        ("RUNNEL_TLS_CA_FILE", &ca),
-        ("RUNNEL_TLS_CERT_FILE", &cert),
-        ("RUNNEL_TLS_KEY_FILE", &key),
-        ("RUNNEL_LISTEN", "127.0.0.1:0"),
-        ("RUNNEL_METRICS_ADDR", "127.0.0.1:0"),
-        // Every downstream connection dials and handshakes anew: what is measured.
-        ("RUNNEL_POOL_MAX", "0"),
-        ("RUNNEL_LOG", "info"),
-        ("RUNNEL_LOG_FORMAT", "json"),
-    ]);
-    for n in 0..CONNECTIONS {
-        get_hello(listen)
-            .unwrap_or_else(|e| panic!("{keys:?} keys, connection {n} through runnel: {e}"));
+/// Two replicas, the balancer in front of them and runnel in front of it.
+struct Stack {
+    replicas: Vec<Replica>,
+    balancer: RoundRobin,
+    key_dirs: Vec<PathBuf>,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+    keys: Keys,
+    _runnel: Runnel,
+    _dir: TempDir,
+}
+
+impl Stack {
+    fn start(envoy: &Path, keys: Keys) -> Stack {
+        let dir = TempDir::new("resumption");
+        let pki_dir = dir.path().join("pki");
+        Pki::generate()
+            .expect("generate the test PKI")
+            .write_to(&pki_dir)
+            .expect("write the test PKI");
+        let backend = Backend::start();
+        let key_dirs: Vec<PathBuf> = match keys {
+            Keys::Shared => vec![key_dir(&dir.path().join("keys")); 2],
+            Keys::Separate => (0..2)
+                .map(|i| key_dir(&dir.path().join(format!("keys-{i}"))))
+                .collect(),
+        };
+        let replicas: Vec<Replica> = key_dirs
+            .iter()
+            .enumerate()
+            .map(|(i, keys)| Replica::start(envoy, &dir, i, &pki_dir, keys, backend.addr))
+            .collect();
+        let balancer = RoundRobin::start(replicas.iter().map(|r| r.addr).collect());
+
+        let file = |name: &str| pki_dir.join(name).to_str().expect("UTF-8").to_owned();
+        let upstream = balancer.addr.to_string();
+        let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client-key.pem"));
+        let (runnel, Listening { listen, metrics }) = Runnel::serve(&[
+            ("RUNNEL_UPSTREAM", &upstream),
+            ("RUNNEL_SERVER_NAME", GATEWAY_NAME),
+            ("RUNNEL_TLS_CA_FILE", &ca),
+            ("RUNNEL_TLS_CERT_FILE", &cert),
+            ("RUNNEL_TLS_KEY_FILE", &key),
+            ("RUNNEL_LISTEN", "127.0.0.1:0"),
+            ("RUNNEL_METRICS_ADDR", "127.0.0.1:0"),
+            // Every downstream connection dials and handshakes anew: what is measured.
+            ("RUNNEL_POOL_MAX", "0"),
+            ("RUNNEL_LOG", "info"),
+            ("RUNNEL_LOG_FORMAT", "json"),
+        ]);
+        Stack {
+            replicas,
+            balancer,
+            key_dirs,
+            listen,
+            metrics: metrics.expect("runnel reports its metrics address"),
+            keys,
+            _runnel: runnel,
+            _dir: dir,
+        }
     }
 
-    let metrics = metrics.expect("runnel reports its metrics address");
-    let (status, text) = http_get(metrics, "/metrics", IO_TIMEOUT).expect("runnel /metrics");
-    assert_eq!(status, 200, "runnel /metrics: {text}");
-    let handshakes = |kind: &str| {
-        sample(
-            &text,
-            &format!("{HANDSHAKES}{{kind=\"{kind}\",result=\"ok\"}}"),
-        )
-        .unwrap_or(0.0) as u64
-    };
-    let figures = Figures {
-        ratio: sample(&text, RESUMPTION_RATIO)
-            .unwrap_or_else(|| panic!("no {RESUMPTION_RATIO} in runnel's metrics:\n{text}")),
-        full: handshakes("full"),
-        resumed: handshakes("resumed"),
-        per_replica: replicas
-            .iter()
-            .zip(&balancer.counts)
-            .map(|(replica, count)| ReplicaFigures {
-                connections: count.load(Ordering::Relaxed),
-                handshakes: replica.counter("ssl.handshake"),
-                reused: replica.counter("ssl.session_reused"),
-            })
-            .collect(),
-    };
-    drop(runnel);
-    figures
+    /// `count` new connections through runnel, one after the other, each a request
+    /// answered in full.
+    fn connect(&self, count: usize) {
+        for n in 0..count {
+            get_hello(self.listen).unwrap_or_else(|e| {
+                panic!("{:?} keys, connection {n} through runnel: {e}", self.keys)
+            });
+        }
+    }
+
+    /// Waits until every replica has loaded the key directory `loads` times (the SDS
+    /// file is read again when the kubelet-style swap lands in the watched directory).
+    fn wait_for_reload(&self, loads: u64) {
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        for (i, replica) in self.replicas.iter().enumerate() {
+            loop {
+                let updates = replica.counter(&format!("sds.{TICKET_SECRET}.update_success"));
+                if updates >= loads {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica {i}: {updates} loads of the ticket keys, not {loads}, \
+                     within {RELOAD_TIMEOUT:?}"
+                );
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// runnel's and the replicas' counters now.
+    fn figures(&self) -> Figures {
+        let (status, text) =
+            http_get(self.metrics, "/metrics", IO_TIMEOUT).expect("runnel /metrics");
+        assert_eq!(status, 200, "runnel /metrics: {text}");
+        let handshakes = |kind: &str| {
+            sample(
+                &text,
+                &format!("{HANDSHAKES}{{kind=\"{kind}\",result=\"ok\"}}"),
+            )
+            .unwrap_or(0.0) as u64
+        };
+        Figures {
+            ratio: sample(&text, RESUMPTION_RATIO)
+                .unwrap_or_else(|| panic!("no {RESUMPTION_RATIO} in runnel's metrics:\n{text}")),
+            full: handshakes("full"),
+            resumed: handshakes("resumed"),
+            per_replica: self
+                .replicas
+                .iter()
+                .zip(&self.balancer.counts)
+                .map(|(replica, count)| ReplicaFigures {
+                    connections: count.load(Ordering::Relaxed),
+                    handshakes: replica.counter("listener.gateway.ssl.handshake"),
+                    reused: replica.counter("listener.gateway.ssl.session_reused"),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One HTTP/1.1 request through runnel on a new connection, read to the end.
@@ -230,20 +338,58 @@ fn get_hello(listen: SocketAddr) -> io::Result<()> {
     }
 }
 
-/// A replica's key directory as deploy/ lays it out: the SDS file of the shipped
-/// ConfigMap, pointed at this directory, and two random 80-byte keys.
+/// A replica's key directory as the kubelet lays out a mounted Secret: the file is a
+/// link through `..data` to a versioned directory, and an update swaps `..data` in one
+/// rename. It holds the SDS file deploy/istio/ticket-keys.sh makes: two fresh keys.
 fn key_dir(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(dir).expect("create the key directory");
-    let sds = deployed_sds_file().replace(DEPLOYED_KEY_DIR, dir.to_str().expect("UTF-8"));
-    std::fs::write(dir.join("sds.yaml"), sds).expect("write sds.yaml");
-    for name in ["key-0", "key-1"] {
-        let mut key = vec![0u8; TICKET_KEY_BYTES];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut random| random.read_exact(&mut key))
-            .expect("read /dev/urandom");
-        std::fs::write(dir.join(name), key).expect("write a ticket key");
-    }
+    write_version(dir, 0, &ticket_keys(None));
+    symlink(Path::new("..data").join("sds.yaml"), dir.join("sds.yaml")).expect("link sds.yaml");
     dir.to_owned()
+}
+
+/// How a rotation treats the keys in use.
+#[derive(Clone, Copy)]
+enum Rotation {
+    /// As deploy/README.md says: ticket-keys.sh with the current file, so the current
+    /// first key becomes the second and a fresh key the first.
+    KeepPrevious,
+    /// ticket-keys.sh alone: two fresh keys, every ticket issued so far unreadable.
+    DropAll,
+}
+
+/// Rotates the keys in one atomic update of the directory (version `version`).
+fn rotate(dir: &Path, version: u32, rotation: Rotation) {
+    let sds = match rotation {
+        Rotation::KeepPrevious => ticket_keys(Some(&dir.join("sds.yaml"))),
+        Rotation::DropAll => ticket_keys(None),
+    };
+    write_version(dir, version, &sds);
+}
+
+/// Writes `..VERSION/sds.yaml` and points `..data` at it with a rename, as the kubelet
+/// does.
+fn write_version(dir: &Path, version: u32, sds: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).expect("create a key version");
+    std::fs::write(versioned.join("sds.yaml"), sds).expect("write sds.yaml");
+    let next = dir.join("..data_tmp");
+    symlink(format!("..{version}"), &next).expect("link the new version");
+    std::fs::rename(&next, dir.join("..data")).expect("swap ..data");
+}
+
+/// What `sh deploy/istio/ticket-keys.sh [previous]` prints.
+fn ticket_keys(previous: Option<&Path>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/istio/ticket-keys.sh");
+    let mut command = Command::new("sh");
+    command.arg(script).args(previous);
+    clean_env(&mut command, &[] as &[(&str, &str)]);
+    let output = command
+        .output()
+        .expect("run sh deploy/istio/ticket-keys.sh");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ticket-keys.sh failed: {stderr}");
+    String::from_utf8(output.stdout).expect("UTF-8")
 }
 
 /// One Envoy replica, killed on drop.
@@ -308,14 +454,13 @@ impl Replica {
         }
     }
 
-    /// `listener.gateway.SUFFIX`, 0 when Envoy has not created it yet.
-    fn counter(&self, suffix: &str) -> u64 {
-        let name = format!("listener.gateway.{suffix}");
+    /// The counter `name`, 0 when Envoy has not created it yet.
+    fn counter(&self, name: &str) -> u64 {
         let (status, body) = http_get(self.admin, &format!("/stats?filter=^{name}$"), IO_TIMEOUT)
             .unwrap_or_else(|e| panic!("envoy admin /stats: {e}"));
         assert_eq!(status, 200, "envoy admin /stats: {body}");
         body.lines()
-            .find_map(|line| line.strip_prefix(&name)?.strip_prefix(": ")?.parse().ok())
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
             .unwrap_or(0)
     }
 }
@@ -390,19 +535,10 @@ fn deployed_tls_patch() -> Value {
     socket["typed_config"].clone()
 }
 
-/// The SDS file of the ConfigMap in deploy/istio/session-tickets.yaml.
-fn deployed_sds_file() -> String {
-    deployed_document("ConfigMap")["data"]["sds.yaml"]
-        .as_str()
-        .expect("sds.yaml in the ConfigMap")
-        .to_owned()
-}
-
 fn deployed_document(kind: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/istio/session-tickets.yaml");
     let text = std::fs::read_to_string(&path).expect("read session-tickets.yaml");
-    text.split("\n---\n")
-        .map(|doc| serde_yaml_ng::from_str::<Value>(doc).expect("YAML"))
-        .find(|doc| doc["kind"] == kind)
-        .unwrap_or_else(|| panic!("no {kind} in {}", path.display()))
+    let doc: Value = serde_yaml_ng::from_str(&text).expect("YAML");
+    assert_eq!(doc["kind"], kind, "{}", path.display());
+    doc
 }
