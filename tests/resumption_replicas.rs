@@ -48,12 +48,12 @@ use support::{
 /// New downstream connections per run: enough that the first full handshake (and any
 /// probe) weighs little, few enough to stay within seconds on a busy machine.
 const CONNECTIONS: usize = 200;
-/// Where deploy/ mounts the keys and the SDS file on every gateway replica.
+/// Where deploy/ mounts the ticket-key Secret (its SDS file) on every gateway replica.
 const DEPLOYED_KEY_DIR: &str = "/etc/runnel-ticket-keys";
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections before and after a key rotation.
 const ROTATION_CONNECTIONS: usize = 50;
-/// The SDS resource the shipped ConfigMap defines.
+/// The SDS resource deploy/istio/ticket-keys.sh defines.
 const TICKET_SECRET: &str = "runnel-session-ticket-keys";
 /// How long a replica may take to see a rotation (inotify: milliseconds, normally).
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -116,8 +116,8 @@ fn rotated_ticket_keys_reach_every_replica_without_a_restart_and_earlier_tickets
         "after a rotation of the shared keys (a fresh first key, the previous first key second), \
          {ROTATION_CONNECTIONS} new connections: {share:.3} resumed; {after}"
     );
-    // The first connection after the rotation resumes a ticket made with the old key
-    // (now key-1); the tickets it brings back are made with the new key-0.
+    // The first connection after the rotation resumes a ticket made with the old first
+    // key (now the second); the tickets it brings back are made with the new first key.
     assert!(
         share > 0.8,
         "only {share:.3} resumed after the rotation: {after}"
