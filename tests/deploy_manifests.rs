@@ -12,6 +12,7 @@
 mod support;
 
 use std::{
+    collections::BTreeSet,
     io::Write,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -25,6 +26,16 @@ use runnel::{
 use serde_json::{Value, json};
 use support::process::{TempDir, missing_peer, peer};
 
+/// The label runnel's own gateway carries, and its namespace.
+const GATEWAY_LABEL: &str = "runnel-gateway";
+const GATEWAY_NAMESPACE: &str = "runnel-gateway";
+/// Where every gateway replica mounts the session-ticket keys, and their Secret.
+const TICKET_DIR: &str = "/etc/runnel-ticket-keys";
+const TICKET_SECRET: &str = "runnel-gateway-ticket-keys";
+const GLOBAL_ACCESS: &str = "networking.gke.io/internal-load-balancer-allow-global-access";
+/// Trust domains a mesh uses: Istio's default (and its alias for the local trust domain)
+/// and Cloud Service Mesh's for the guide's project (any PROJECT.svc.id.goog is refused).
+const MESH_TRUST_DOMAINS: [&str; 2] = ["cluster.local", "my-project.svc.id.goog"];
 const METRICS_PATHS: [(&str, &str); 2] =
     [("startupProbe", "/readyz"), ("livenessProbe", "/healthz")];
 /// Cloud Run sends SIGKILL this long after SIGTERM.
@@ -38,8 +49,11 @@ fn every_manifest_parses_and_names_what_it_is() {
         "cloudrun/runmonitoring.yaml",
         "cloudrun/invoker-policy.yaml",
         "cloudrun/check-job.yaml",
+        "istio/namespace.yaml",
+        "istio/gateway-deployment.yaml",
+        "istio/gateway-service.yaml",
+        "istio/session-tickets.yaml",
         "istio/gateway.yaml",
-        "istio/ingressgateway-service.yaml",
         "istio/authorization-policy.yaml",
         "istio/virtualservice.yaml",
     ] {
@@ -283,7 +297,7 @@ fn check_job_runs_with_the_service_configuration() {
 }
 
 #[test]
-fn istio_gateway_admits_runnel_s_certificate_and_identity_only() {
+fn the_gateway_admits_exactly_runnel_s_own_identity_outside_the_mesh_s_trust_domain() {
     let gateway = find("istio/gateway.yaml");
     let server = &gateway["spec"]["servers"][0];
     assert_eq!(server["tls"]["mode"], "MUTUAL");
@@ -294,25 +308,445 @@ fn istio_gateway_admits_runnel_s_certificate_and_identity_only() {
     );
     let policy = find("istio/authorization-policy.yaml");
     assert_eq!(policy["spec"]["action"], "ALLOW");
-    let principal = demo::CLIENT_SPIFFE_ID.strip_prefix("spiffe://").unwrap();
-    let rules = &policy["spec"]["rules"];
-    assert_eq!(
-        rules[0]["from"][0]["source"]["principals"],
-        json!([principal])
+    let rules = policy["spec"]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "one rule: {rules:?}");
+    let principals = &rules[0]["from"][0]["source"]["principals"];
+    let principal = principals[0].as_str().unwrap();
+    assert_eq!(principals, &json!([principal]), "exactly one principal");
+    // The identity the guide puts in runnel's certificate, in every command that issues it.
+    let guide = guide();
+    let sans: BTreeSet<&str> = guide
+        .match_indices("spiffe://")
+        .map(|(i, _)| {
+            let rest = &guide[i..];
+            let end = rest
+                .find(|c: char| c.is_whitespace() || "`'\\\")".contains(c))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|san| *san != "spiffe://")
+        .collect();
+    let issued = format!("spiffe://{principal}");
+    assert!(
+        sans.contains(issued.as_str()),
+        "the guide issues no certificate for {issued}: {sans:?}"
     );
-    let selector = &gateway["spec"]["selector"];
-    assert_eq!(&policy["spec"]["selector"]["matchLabels"], selector);
-    let service = find("istio/ingressgateway-service.yaml");
-    let labels = service["spec"]["selector"].as_object().unwrap();
-    for (key, value) in selector.as_object().unwrap() {
-        assert_eq!(labels.get(key), Some(value), "Service selector lacks {key}");
+    for san in &sans {
+        assert!(
+            *san == issued || *san == "spiffe://cluster.local/ns/runnel/sa/runnel",
+            "the guide names another identity, {san}"
+        );
     }
-    let annotations = &service["metadata"]["annotations"];
-    assert_eq!(
-        annotations["networking.gke.io/load-balancer-type"],
-        "Internal"
+    let parts: Vec<&str> = principal.split('/').collect();
+    let trust_domain = parts[0];
+    assert!(
+        !MESH_TRUST_DOMAINS.contains(&trust_domain) && !trust_domain.ends_with(".svc.id.goog"),
+        "{principal}: a mesh trust domain, which Istio rewrites to the mesh's own"
     );
+    // Istio's trust-domain rewrite (pilot/pkg/security/trustdomain/bundle.go) applies
+    // only to principals of the form TD/ns/NS/sa/SA; this one must never take that form.
+    assert_ne!(parts.len(), 5, "{principal}: has the form Istio rewrites");
+    assert!(
+        !principal.contains('*') && !principal.starts_with("spiffe://"),
+        "{principal}: not an exact principal"
+    );
+    // runnel's demo PKI still carries a mesh-style identity; the deployed one must not.
+    assert_ne!(issued, demo::CLIENT_SPIFFE_ID);
+    // The CA the gateway checks runnel with is the client CA, and runnel's own trust is
+    // the gateway CA: two CAs, neither the mesh's.
+    for needle in [
+        "--from-file=ca.crt=pki/client-ca.pem",
+        "--data-file pki/gateway-ca.pem",
+        "-CA client-ca.pem",
+        "-CA gateway-ca.pem",
+    ] {
+        assert!(guide.contains(needle), "the guide lacks {needle:?}");
+    }
+}
+
+#[test]
+fn no_manifest_selects_or_replaces_the_default_ingress_gateway() {
+    for m in manifests() {
+        let text = m.doc.to_string();
+        for default in [
+            "\"istio\":\"ingressgateway\"",
+            "istio-ingressgateway",
+            "\"istio-system\"",
+        ] {
+            assert!(
+                !text.contains(default),
+                "deploy/{}: {} touches the default gateway ({default})",
+                m.file,
+                m.doc["kind"]
+            );
+        }
+    }
+    assert!(
+        !deploy_dir()
+            .join("istio/ingressgateway-service.yaml")
+            .exists(),
+        "the istio-ingressgateway Service patch is back"
+    );
+}
+
+#[test]
+fn runnel_s_gateway_is_complete_and_every_istio_resource_selects_it() {
+    let gateway = find("istio/gateway.yaml");
+    let selector = gateway["spec"]["selector"].as_object().unwrap();
+    assert_eq!(json!(selector), json!({"istio": GATEWAY_LABEL}));
+    let namespace = &gateway["metadata"]["namespace"];
+    assert_eq!(namespace, GATEWAY_NAMESPACE);
+    assert_eq!(
+        find_kind("istio/namespace.yaml", "Namespace")["metadata"]["name"],
+        *namespace
+    );
+
+    let deployment = find_kind("istio/gateway-deployment.yaml", "Deployment");
+    let template = &deployment["spec"]["template"];
+    let pod_labels = template["metadata"]["labels"].as_object().unwrap();
+    let has_labels = |labels: &Value, what: &str| {
+        for (key, value) in labels
+            .as_object()
+            .unwrap_or_else(|| panic!("{what}: no labels"))
+        {
+            assert_eq!(
+                pod_labels.get(key),
+                Some(value),
+                "{what} selects {key}={value}"
+            );
+        }
+    };
+    has_labels(&json!(selector), "the Gateway");
+    has_labels(
+        &deployment["spec"]["selector"]["matchLabels"],
+        "the Deployment",
+    );
+    assert_eq!(
+        template["metadata"]["annotations"]["inject.istio.io/templates"],
+        "gateway"
+    );
+    assert_eq!(
+        pod_labels.get("sidecar.istio.io/inject"),
+        Some(&json!("true"))
+    );
+    let proxy = container(&template["spec"], "istio-proxy");
+    assert_eq!(
+        proxy["image"], "auto",
+        "the injector fills in the proxy image"
+    );
+
+    let policy = find("istio/authorization-policy.yaml");
+    has_labels(
+        &policy["spec"]["selector"]["matchLabels"],
+        "the AuthorizationPolicy",
+    );
+    let filter = find_kind("istio/session-tickets.yaml", "EnvoyFilter");
+    has_labels(
+        &filter["spec"]["workloadSelector"]["labels"],
+        "the EnvoyFilter",
+    );
+    assert_eq!(
+        policy["spec"]["selector"]["matchLabels"],
+        json!(selector),
+        "the policy selects exactly the gateway"
+    );
+
+    let service = find("istio/gateway-service.yaml");
+    has_labels(&service["spec"]["selector"], "the Service");
     assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(
+        service["spec"]["loadBalancerClass"],
+        "networking.gke.io/l4-regional-internal"
+    );
+    let annotations = service["metadata"]["annotations"].as_object();
+    assert!(
+        !annotations.is_some_and(|a| a.contains_key(GLOBAL_ACCESS)),
+        "global access is on"
+    );
+
+    let hpa = find_kind("istio/gateway-deployment.yaml", "HorizontalPodAutoscaler");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        deployment["metadata"]["name"]
+    );
+    let min = hpa["spec"]["minReplicas"].as_u64().unwrap();
+    assert!(
+        min >= 2,
+        "minReplicas {min}: one replica lost is the gateway lost"
+    );
+    assert!(
+        deployment["spec"]["replicas"].is_null(),
+        "the HPA owns the replica count"
+    );
+    let pdb = find_kind("istio/gateway-deployment.yaml", "PodDisruptionBudget");
+    has_labels(
+        &pdb["spec"]["selector"]["matchLabels"],
+        "the PodDisruptionBudget",
+    );
+    let min_available = pdb["spec"]["minAvailable"].as_u64().unwrap_or(0);
+    assert!(
+        min_available >= 1 && min_available < min,
+        "PDB minAvailable {min_available}"
+    );
+
+    for m in manifests() {
+        if m.file.starts_with("istio/") && m.doc["kind"] != "Namespace" {
+            let expected = if m.file == "istio/virtualservice.yaml" {
+                json!("hello")
+            } else {
+                namespace.clone()
+            };
+            assert_eq!(
+                m.doc["metadata"]["namespace"], expected,
+                "deploy/{} namespace",
+                m.file
+            );
+        }
+    }
+    // The minimum Istio version the guide states is the one the API versions need.
+    let guide = guide();
+    assert!(
+        guide.contains("Istio 1.22 or later"),
+        "the guide states no Istio version"
+    );
+    for m in manifests() {
+        let api = m.doc["apiVersion"].as_str().unwrap_or_default();
+        if api.contains(".istio.io/") {
+            assert!(
+                api.ends_with("/v1") || api == "networking.istio.io/v1alpha3",
+                "deploy/{}: {api} is not served by Istio 1.22",
+                m.file
+            );
+        }
+    }
+}
+
+#[test]
+fn every_gateway_replica_mounts_the_same_session_ticket_keys() {
+    let deployment = find_kind("istio/gateway-deployment.yaml", "Deployment");
+    // Every replica is made from this one pod template (no per-replica volumes).
+    assert_eq!(deployment["kind"], "Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let proxy = container(pod, "istio-proxy");
+    let mount = proxy["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == TICKET_DIR)
+        .unwrap_or_else(|| panic!("istio-proxy does not mount {TICKET_DIR}"));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("no volume {}", mount["name"]));
+    let secret = &volume["secret"];
+    assert_eq!(secret["secretName"], TICKET_SECRET, "{volume}");
+    assert!(secret["optional"] != true, "the ticket keys are optional");
+    let files: Vec<String> = secret["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| format!("{TICKET_DIR}/{}", i["path"].as_str().unwrap()))
+        .collect();
+
+    // The EnvoyFilter reads that Secret's SDS file, watches its directory, and patches
+    // the TLS filter chain of the Gateway's server, on the gateway.
+    let filter = find("istio/session-tickets.yaml");
+    let patches = filter["spec"]["configPatches"].as_array().unwrap();
+    assert_eq!(patches.len(), 1);
+    let patch = &patches[0];
+    assert_eq!(patch["applyTo"], "FILTER_CHAIN");
+    assert_eq!(patch["match"]["context"], "GATEWAY");
+    assert_eq!(patch["patch"]["operation"], "MERGE");
+    let sni = patch["match"]["listener"]["filterChain"]["sni"].as_str();
+    let gateway = find("istio/gateway.yaml");
+    assert_eq!(
+        sni,
+        gateway["spec"]["servers"][0]["hosts"][0].as_str(),
+        "patched SNI"
+    );
+    let socket = &patch["patch"]["value"]["transport_socket"];
+    assert_eq!(socket["name"], "envoy.transport_sockets.tls");
+    let sds_config = &socket["typed_config"]["session_ticket_keys_sds_secret_config"];
+    let source = &sds_config["sds_config"]["path_config_source"];
+    let path = source["path"].as_str().unwrap().to_owned();
+    assert!(
+        files.contains(&path),
+        "{path} is not a file of {TICKET_SECRET}"
+    );
+    assert_eq!(source["watched_directory"]["path"], TICKET_DIR);
+
+    // What ticket-keys.sh puts in the Secret: the resource the EnvoyFilter names, with
+    // two inline 80-byte keys (Envoy applies a reload only when the resource changes, so
+    // the keys are in it, not in files it names), and a rotation keeps the old first key
+    // as the second.
+    let Some(openssl) = peer("TEST_OPENSSL_BIN", "openssl") else {
+        return;
+    };
+    let scratch = TempDir::new("ticket-keys");
+    let fresh = ticket_keys(&openssl, None);
+    let keys = |sds: &str| -> Vec<String> {
+        let sds: Value = serde_yaml_ng::from_str(sds).expect("ticket-keys.sh output parses");
+        let resource = &sds["resources"][0];
+        assert_eq!(
+            resource["@type"],
+            "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+        );
+        assert_eq!(resource["name"], sds_config["name"], "SDS resource name");
+        let keys: Vec<String> = resource["session_ticket_keys"]["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["inline_bytes"].as_str().expect("inline keys").to_owned())
+            .collect();
+        for key in &keys {
+            // 80 bytes are 108 base64 characters, the last one padding.
+            assert_eq!((key.len(), key.matches('=').count()), (108, 1), "{key}");
+        }
+        keys
+    };
+    let first = keys(&fresh);
+    assert_eq!(first.len(), 2);
+    assert_ne!(first[0], first[1]);
+    let previous = scratch.path().join("previous.yaml");
+    std::fs::write(&previous, &fresh).unwrap();
+    let rotated = keys(&ticket_keys(&openssl, Some(&previous)));
+    assert_eq!(rotated[1], first[0], "the rotation keeps the old first key");
+    assert!(
+        !first.contains(&rotated[0]),
+        "the rotation brings a fresh key"
+    );
+}
+
+#[test]
+fn cpu_limits_are_whole_vcpus_as_cloud_run_requires() {
+    for (file, pod) in cloud_run_pods() {
+        let mut total = 0.0;
+        for c in pod["containers"].as_array().unwrap() {
+            let cpu = c["resources"]["limits"]["cpu"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{file}: {} has no CPU limit (as a string)", c["name"]));
+            let cpu: f64 = match cpu.strip_suffix('m') {
+                Some(milli) => milli.parse::<f64>().unwrap() / 1000.0,
+                None => cpu.parse().unwrap(),
+            };
+            // Below 1 needs request-based billing, concurrency 1 and gen1: not runnel.
+            assert!(
+                cpu >= 1.0 && cpu.fract() == 0.0,
+                "{file}: {} CPU {cpu}: must be a whole number of vCPU",
+                c["name"]
+            );
+            total += cpu;
+        }
+        assert!(total <= 8.0, "{file}: {total} vCPU in all");
+    }
+}
+
+#[test]
+fn the_egress_subnet_holds_a_rollout_and_the_check_job() {
+    let guide = guide();
+    let create = guide
+        .lines()
+        .skip_while(|l| !l.contains("gcloud compute networks subnets create runnel-egress"))
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let range = create
+        .split("--range ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the guide creates no runnel-egress range: {create}"));
+    let prefix: u32 = range.split('/').nth(1).unwrap().parse().unwrap();
+    assert!(prefix <= 24, "{range}: the guide advises /24 or larger");
+    let usable = 2u64.pow(32 - prefix) - 4;
+    let service = find("cloudrun/service.yaml");
+    let max: u64 =
+        service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/maxScale"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+    let job = find("cloudrun/check-job.yaml");
+    let tasks = job["spec"]["template"]["spec"]["taskCount"]
+        .as_u64()
+        .unwrap_or(1);
+    let needed = 2 * (2 * max + tasks);
+    assert!(
+        usable >= needed,
+        "{range}: {usable} addresses, {needed} needed"
+    );
+    let lb = find("istio/gateway-service.yaml");
+    assert_eq!(
+        lb["spec"]["loadBalancerSourceRanges"],
+        json!([range]),
+        "the load balancer admits the egress subnet only"
+    );
+}
+
+#[test]
+fn the_guide_runs_in_sh_names_real_files_and_says_what_an_operator_does_by_hand() {
+    let guide = guide();
+    // Commands (inside code fences) must run in sh: no process substitution.
+    let mut in_code = false;
+    for line in guide.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+        } else if in_code {
+            assert!(
+                !line.contains("<("),
+                "sh has no process substitution: {line}"
+            );
+        }
+    }
+    assert!(!guide.contains("on distroless"), "the image is scratch");
+    let dockerfile = std::fs::read_to_string(deploy_dir().join("../Dockerfile")).unwrap();
+    assert!(dockerfile.lines().any(|l| l == "FROM scratch"));
+    // Every deploy/ file the guide names exists.
+    for (i, _) in guide.match_indices(".yaml") {
+        let start = guide[..i]
+            .rfind(|c: char| c.is_whitespace() || "`(|".contains(c))
+            .map_or(0, |s| s + 1);
+        let name = &guide[start..i + 5];
+        let path = name.strip_prefix("deploy/").unwrap_or(name);
+        if path.starts_with("cloudrun/") || path.starts_with("istio/") {
+            assert!(deploy_dir().join(path).is_file(), "the guide names {name}");
+        }
+    }
+    for needle in [
+        // Cloud Run's reserved paths.
+        "/eventlog",
+        "/_ah/",
+        "/healthz",
+        // Firewall from the egress subnet and from Google's health checks.
+        "gcloud compute firewall-rules create",
+        "35.191.0.0/16,130.211.0.0/22",
+        // IAM: runnel reads its secrets, the deployer acts as runnel, Shared VPC.
+        "roles/secretmanager.secretAccessor",
+        "roles/iam.serviceAccountUser",
+        "roles/compute.networkUser",
+        "Shared VPC",
+    ] {
+        assert!(guide.contains(needle), "the guide lacks {needle:?}");
+    }
+    assert!(guide.contains("--source-ranges 10.20.0.0/24"));
+}
+
+#[test]
+fn the_metrics_sidecar_is_a_pinned_current_release() {
+    let pod = &find("cloudrun/service.yaml")["spec"]["template"]["spec"];
+    let image = container(pod, "collector")["image"].as_str().unwrap();
+    let (name, tag) = image.rsplit_once(':').unwrap();
+    assert!(name.ends_with("/cloud-run-gmp-sidecar"), "{image}");
+    let version: Vec<u32> = tag
+        .split('.')
+        .map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| panic!("{image}: not a release tag"))
+        })
+        .collect();
+    assert!(version >= vec![1, 7, 0], "{image}: older than 1.7.0");
 }
 
 #[test]
@@ -327,7 +761,7 @@ fn runnel_reaches_the_gateway_server_it_is_configured_for() {
         Some(port),
         "gateway port"
     );
-    let service = find("istio/ingressgateway-service.yaml");
+    let service = find("istio/gateway-service.yaml");
     let ports = service["spec"]["ports"].as_array().unwrap();
     assert!(
         ports.iter().any(|p| p["port"].as_u64() == Some(port)),
@@ -366,10 +800,18 @@ fn kubernetes_resources_and_cloud_run_containers_validate_with_kubernetes_valida
         return;
     };
     let scratch = TempDir::new("kubernetes-validate");
+    // One resource per file, so that each "passed" line is one document.
     let mut files: Vec<PathBuf> = manifests()
         .iter()
         .filter(|m| is_core_kind(&m.doc))
-        .map(|m| deploy_dir().join(&m.file))
+        .enumerate()
+        .map(|(i, m)| {
+            let path = scratch
+                .path()
+                .join(format!("{i}-{}.json", m.file.replace(['/', '.'], "-")));
+            std::fs::write(&path, m.doc.to_string()).unwrap();
+            path
+        })
         .collect();
     assert!(!files.is_empty(), "no core Kubernetes resource in deploy/");
     for (file, pod) in cloud_run_pods() {
@@ -423,8 +865,8 @@ fn istio_resources_validate_against_the_istio_crd_schemas() {
         .collect();
     assert_eq!(
         resources.len(),
-        3,
-        "Gateway, VirtualService, AuthorizationPolicy"
+        4,
+        "Gateway, VirtualService, AuthorizationPolicy, EnvoyFilter"
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/deploy/validate_istio.py");
     let mut child = Command::new(python)
@@ -451,7 +893,7 @@ fn istio_resources_validate_against_the_istio_crd_schemas() {
     assert!(output.status.success(), "Istio schema validation:\n{text}");
     assert_eq!(
         text.lines().filter(|l| l.starts_with("ok ")).count(),
-        3,
+        4,
         "{text}"
     );
 }
@@ -523,6 +965,42 @@ fn documents(text: &str) -> Vec<&str> {
     }
     out.push(&text[start..]);
     out
+}
+
+/// The document of `kind` in deploy/`file` (a file may hold several).
+fn find_kind(file: &str, kind: &str) -> Value {
+    let all = manifests();
+    let mut docs = all
+        .into_iter()
+        .filter(|m| m.file == file && m.doc["kind"] == kind);
+    let doc = docs
+        .next()
+        .unwrap_or_else(|| panic!("deploy/{file} has no {kind}"));
+    assert!(docs.next().is_none(), "deploy/{file} has several {kind}s");
+    doc.doc
+}
+
+/// What `sh deploy/istio/ticket-keys.sh [previous]` prints, with `openssl` on PATH.
+fn ticket_keys(openssl: &Path, previous: Option<&Path>) -> String {
+    let mut command = Command::new("sh");
+    command
+        .arg(deploy_dir().join("istio/ticket-keys.sh"))
+        .args(previous);
+    let dir = openssl.parent().unwrap().as_os_str().to_owned();
+    let path = std::env::join_paths(std::iter::once(PathBuf::from(dir)).chain(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()),
+    ))
+    .unwrap();
+    command.env("PATH", path);
+    let output = command.output().expect("run sh");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "ticket-keys.sh: {stderr}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// deploy/README.md.
+fn guide() -> String {
+    std::fs::read_to_string(deploy_dir().join("README.md")).unwrap()
 }
 
 /// The one document in deploy/`file`.

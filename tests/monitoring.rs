@@ -28,9 +28,32 @@ use runnel::{
 use serde_json::{Value, json};
 use support::process::{TempDir, peer};
 
-/// Labels the scrape adds to every series: `job` and `instance` everywhere, `service` and
-/// `revision` on Cloud Run (deploy/cloudrun/runmonitoring.yaml's targetLabels).
-const TARGET_LABELS: [&str; 4] = ["job", "instance", "service", "revision"];
+/// Labels the Cloud Run sidecar (run-gmp-sidecar, confgenerator/config.go) puts on every
+/// series: `job` (the RunMonitoring's name), `instance`, `cluster` (`__run__`) and
+/// `namespace` always, `project_id` and `location` from Managed Service for Prometheus;
+/// `service_name`, `revision_name` and `instanceId` because
+/// deploy/cloudrun/runmonitoring.yaml's targetLabels ask for them (checked below).
+/// Never `service` or `revision`: the sidecar emits no such label.
+const TARGET_LABELS: [&str; 9] = [
+    "job",
+    "instance",
+    "cluster",
+    "namespace",
+    "project_id",
+    "location",
+    "service_name",
+    "revision_name",
+    "instanceId",
+];
+/// targetLabels.metadata keywords and the label each makes the sidecar emit
+/// (confgenerator/config.go: cloudRunServiceLabel, cloudRunRevisionLabel,
+/// cloudRunConfigurationLabel, cloudRunInstanceLabel).
+const SIDECAR_METADATA_LABELS: [(&str, &str); 4] = [
+    ("service", "service_name"),
+    ("revision", "revision_name"),
+    ("configuration", "configuration_name"),
+    ("instance", "instanceId"),
+];
 /// The functions that make sense of a counter (a histogram series is a counter too).
 const RATE_FUNCTIONS: [&str; 3] = ["rate", "irate", "increase"];
 
@@ -246,6 +269,85 @@ fn every_alert_has_a_severity_a_summary_a_description_and_a_runbook() {
     any("upstream truncations", &|_, p| {
         p.filters(CONNECTIONS_CLOSED, "outcome", "upstream_truncated")
     });
+}
+
+#[test]
+fn the_cloud_run_labels_used_are_the_ones_runmonitoring_makes_the_sidecar_emit() {
+    let path = monitoring_dir().join("../cloudrun/runmonitoring.yaml");
+    let config: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let asked: Vec<&str> = config["spec"]["targetLabels"]["metadata"]
+        .as_array()
+        .expect("runmonitoring.yaml lists its targetLabels")
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for (keyword, label) in SIDECAR_METADATA_LABELS {
+        if TARGET_LABELS.contains(&label) {
+            assert!(
+                asked.contains(&keyword),
+                "{label} is used but runmonitoring.yaml's targetLabels lack {keyword:?}"
+            );
+        }
+    }
+    // The job label is the RunMonitoring's name; the rules and the dashboard rely on it.
+    assert_eq!(config["metadata"]["name"], "runnel");
+}
+
+#[test]
+fn alert_annotations_and_rule_tests_use_only_labels_the_series_have() {
+    let mut known: BTreeSet<&str> = TARGET_LABELS.into_iter().collect();
+    for (_, _, labels, _) in CATALOGUE {
+        known.extend(labels.split(',').map(str::trim).filter(|l| !l.is_empty()));
+    }
+    known.insert("severity");
+    let mut unknown = BTreeSet::new();
+    for rule in alert_rules() {
+        for text in rule["annotations"].as_object().unwrap().values() {
+            let text = text.as_str().unwrap_or_default();
+            for (_, rest) in text
+                .match_indices("$labels.")
+                .map(|(i, _)| text.split_at(i + 8))
+            {
+                let label: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !known.contains(label.as_str()) {
+                    unknown.insert(format!("alert {}: $labels.{label}", rule["alert"]));
+                }
+            }
+        }
+    }
+    let tests = std::fs::read_to_string(monitoring_dir().join("runnel-alerts.test.yaml")).unwrap();
+    let tests: Value = serde_yaml_ng::from_str(&tests).unwrap();
+    for test in tests["tests"].as_array().unwrap() {
+        for series in test["input_series"].as_array().into_iter().flatten() {
+            let text = series["series"].as_str().unwrap();
+            let parsed = parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            for reference in &parsed.references {
+                for (label, _, _) in &reference.matchers {
+                    if !known.contains(label.as_str()) {
+                        unknown.insert(format!("test series {text}: {label}"));
+                    }
+                }
+            }
+        }
+        for case in test["alert_rule_test"].as_array().into_iter().flatten() {
+            for alert in case["exp_alerts"].as_array().into_iter().flatten() {
+                for label in alert["exp_labels"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|l| l.0)
+                {
+                    if !known.contains(label.as_str()) {
+                        unknown.insert(format!("expected alert: {label}"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(unknown.is_empty(), "labels no series has: {unknown:#?}");
 }
 
 #[test]

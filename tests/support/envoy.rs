@@ -281,7 +281,7 @@ impl Drop for Sha256Sum {
 
 /// Polls the admin address file, then `/ready` and `/listeners`, until Envoy is live
 /// and its listener is bound, or panics with Envoy's log at the deadline.
-fn wait_ready(envoy: &mut Process, admin_path: &Path) -> (SocketAddr, SocketAddr) {
+pub fn wait_ready(envoy: &mut Process, admin_path: &Path) -> (SocketAddr, SocketAddr) {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut admin = None;
     let mut last = String::from("no admin address file yet");
