@@ -362,7 +362,7 @@ impl Config {
             }
         }
         let log_filter = env.parse_or("RUNNEL_LOG", "info".to_owned(), |s| {
-            crate::logging::parse_filter(s)
+            parse_filter(s)
                 .map(|_| s.to_owned())
                 .map_err(|e| format!("invalid filter: {e}"))
         })?;
@@ -415,6 +415,17 @@ pub fn help_table() -> String {
         out.push_str(&format!("  {:width$}  {}{}\n", v.name, v.help, default));
     }
     out
+}
+
+/// Parses a `RUNNEL_LOG` filter. Field values match literally, not as regular
+/// expressions: a pattern like `[{a=.*a.........}]` would otherwise compile to an
+/// automaton that takes seconds and gigabytes at start-up.
+pub fn parse_filter(
+    filter: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(filter)
 }
 
 /// Parses a duration such as `250ms`, `5s`, `2m` or `1h` (`0` alone is zero).
@@ -691,6 +702,15 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_field_values_are_literal_not_regular_expressions() {
+        // As a regular expression this takes minutes and gigabytes to compile.
+        let bomb = format!("[{{a=.*a{}}}]", ".".repeat(24));
+        assert!(parse_filter(&bomb).is_ok());
+        assert!(parse_filter("runnel=debug,warn").is_ok());
+        assert!(parse_filter("runnel=loud").is_err());
+    }
 
     #[test]
     fn durations_take_the_documented_units() {

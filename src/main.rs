@@ -48,7 +48,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logging::init(&config.log_filter, config.log_format, config.access_log);
+    // Held to the end of main: dropping it flushes the lines still queued.
+    let _logs = logging::init(&config.log_filter, config.log_format, config.access_log);
     for w in &warnings {
         tracing::warn!("{w}");
     }
@@ -114,7 +115,7 @@ fn demo_main(listen: SocketAddr, metrics: &str) -> ExitCode {
             }
         },
     };
-    logging::init("info", config::LogFormat::Text, false);
+    let _logs = logging::init("info", config::LogFormat::Text, false);
     let result = runtime(2).map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(demo::run(
             demo::DemoOptions { listen, metrics },
