@@ -130,9 +130,10 @@ mod tests {
     fn exhaustion_is_told_apart_from_a_refusal() {
         let emfile = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
         assert!(is_local_exhaustion(&emfile));
-        assert!(!is_local_exhaustion(&io::ErrorKind::ConnectionRefused.into()));
-        let refused =
-            io::Error::from_raw_os_error(rustix::io::Errno::CONNREFUSED.raw_os_error());
+        assert!(!is_local_exhaustion(
+            &io::ErrorKind::ConnectionRefused.into()
+        ));
+        let refused = io::Error::from_raw_os_error(rustix::io::Errno::CONNREFUSED.raw_os_error());
         assert!(!is_local_exhaustion(&refused));
     }
 }

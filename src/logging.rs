@@ -258,12 +258,24 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(limit.check_at("connect", t0), Some(0));
         for i in 1..=99 {
-            assert_eq!(limit.check_at("connect", t0 + Duration::from_millis(i)), None);
+            assert_eq!(
+                limit.check_at("connect", t0 + Duration::from_millis(i)),
+                None
+            );
         }
         // Another kind has its own interval.
         assert_eq!(limit.check_at("timeout", t0), Some(0));
-        assert_eq!(limit.check_at("connect", t0 + Duration::from_secs(10)), Some(99));
-        assert_eq!(limit.check_at("connect", t0 + Duration::from_secs(11)), None);
-        assert_eq!(limit.check_at("connect", t0 + Duration::from_secs(20)), Some(1));
+        assert_eq!(
+            limit.check_at("connect", t0 + Duration::from_secs(10)),
+            Some(99)
+        );
+        assert_eq!(
+            limit.check_at("connect", t0 + Duration::from_secs(11)),
+            None
+        );
+        assert_eq!(
+            limit.check_at("connect", t0 + Duration::from_secs(20)),
+            Some(1)
+        );
     }
 }

@@ -161,7 +161,11 @@ fn fit_descriptors(config: &mut Config) {
         );
         config.max_connections = fit.connections;
     }
-    tracing::debug!(fd.before = fds.before, fd.limit = fds.limit, "file descriptor limit");
+    tracing::debug!(
+        fd.before = fds.before,
+        fd.limit = fds.limit,
+        "file descriptor limit"
+    );
 }
 
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
