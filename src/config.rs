@@ -792,8 +792,9 @@ mod tests {
     fn the_default_connection_limit_fits_the_memory_limit() {
         const MIB: u64 = 1024 * 1024;
         // Cloud Run's 512 MiB: (512 - 64) MiB / 300 KiB.
-        assert_eq!(default_max_connections(Some(512 * MIB)), 1529);
-        assert!(1529 * CONNECTION_WORST_CASE + MEMORY_BASE <= 512 * MIB);
+        let at_512 = default_max_connections(Some(512 * MIB));
+        assert_eq!(at_512, 1529);
+        assert!(at_512 as u64 * CONNECTION_WORST_CASE + MEMORY_BASE <= 512 * MIB);
         assert_eq!(default_max_connections(Some(128 * MIB)), 218);
         assert_eq!(default_max_connections(Some(32 * MIB)), 1);
         assert_eq!(default_max_connections(Some(64 * 1024 * MIB)), 10_000);
