@@ -17,7 +17,7 @@ use std::{
 
 use serde_json::{Map, Value};
 use tracing::{Event, Level, Subscriber, field::Field};
-use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{
     EnvFilter,
     fmt::{
@@ -126,6 +126,8 @@ impl RateLimit {
 #[derive(Clone)]
 struct Counted {
     inner: NonBlocking,
+    /// The queue's own count of dropped lines.
+    dropped: ErrorCounter,
     /// Dropped lines already counted in the metric.
     counted: Arc<AtomicUsize>,
 }
@@ -133,6 +135,7 @@ struct Counted {
 impl Counted {
     fn new(inner: NonBlocking) -> Counted {
         Counted {
+            dropped: inner.error_counter(),
             inner,
             counted: Arc::new(AtomicUsize::new(0)),
         }
@@ -143,7 +146,7 @@ impl io::Write for Counted {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         // The counter only grows; fetch_max hands each increase to one writer.
-        let dropped = self.inner.error_counter().dropped_lines();
+        let dropped = self.dropped.dropped_lines();
         let before = self.counted.fetch_max(dropped, Ordering::Relaxed);
         if dropped > before {
             ::metrics::counter!(metrics::LOG_LINES_DROPPED).increment((dropped - before) as u64);
