@@ -117,8 +117,8 @@ pub const VARS: &[Var] = &[
     },
     Var {
         name: "RUNNEL_MAX_CONNECTIONS",
-        default: "10000",
-        help: "downstream connections at once; more wait in the backlog",
+        default: "derived from the memory limit",
+        help: "downstream connections at once; more wait in the backlog. Default: (memory limit - 64 MiB) / 300 KiB, the worst case per connection, at most 10000; lowered further to fit the file descriptor limit",
     },
     Var {
         name: "RUNNEL_METRICS_ADDR",
@@ -335,9 +335,11 @@ impl Config {
             Duration::from_secs(8),
             parse_duration,
         )?;
-        let max_connections = env.parse_or("RUNNEL_MAX_CONNECTIONS", 10_000, |s| {
-            parse_count(s, 1_000_000)
-        })?;
+        let max_connections = env.parse_or(
+            "RUNNEL_MAX_CONNECTIONS",
+            default_max_connections(memory_limit()),
+            |s| parse_count(s, 1_000_000),
+        )?;
         let pool = parse_pool(&env)?;
         let metrics_addr = env.parse_or(
             "RUNNEL_METRICS_ADDR",
@@ -362,7 +364,7 @@ impl Config {
             }
         }
         let log_filter = env.parse_or("RUNNEL_LOG", "info".to_owned(), |s| {
-            crate::logging::parse_filter(s)
+            parse_filter(s)
                 .map(|_| s.to_owned())
                 .map_err(|e| format!("invalid filter: {e}"))
         })?;
@@ -402,6 +404,80 @@ impl Config {
     }
 }
 
+/// Worst-case bytes one connection holds with the readers on both sides stalled and
+/// both writers pushing (README, "Memory"): towards the gateway, the copy's unwritten
+/// rest of one read (64 KiB) and rustls's sendable TLS (its 64 KiB limit, plus record
+/// overhead); towards the downstream, the copy's unwritten rest (64 KiB), the
+/// read-ahead gulp (64 KiB), rustls's record buffer (one record, ~17 KiB) and
+/// decrypted plaintext (16 KiB); plus the task, the TLS state and allocator slack.
+pub const CONNECTION_WORST_CASE: u64 = 300 * 1024;
+/// Memory kept free of connections for the runtime, the TLS configurations, the pools,
+/// the log queue and the allocator's own overhead.
+pub const MEMORY_BASE: u64 = 64 * 1024 * 1024;
+/// The connection limit's default where memory does not bound it.
+pub const MAX_CONNECTIONS_CEILING: usize = 10_000;
+
+/// `RUNNEL_MAX_CONNECTIONS`'s default: as many worst-case connections as fit in the
+/// memory limit after `MEMORY_BASE`, at least one, at most `MAX_CONNECTIONS_CEILING`.
+pub fn default_max_connections(memory_limit: Option<u64>) -> usize {
+    let Some(limit) = memory_limit else {
+        return MAX_CONNECTIONS_CEILING;
+    };
+    let fit = limit.saturating_sub(MEMORY_BASE) / CONNECTION_WORST_CASE;
+    usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_CONNECTIONS_CEILING)
+}
+
+/// The memory this process may use: the tightest of its cgroup's limits (v2, or v1)
+/// and the memory the machine (or gVisor sandbox) reports; `None` if nothing says.
+/// Read here, like the CPU count, because a default is derived from it.
+pub fn memory_limit() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let cgroup = read("/proc/self/cgroup").unwrap_or_default();
+    let mut files = Vec::new();
+    for line in cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = match (parts.next(), parts.next(), parts.next()) {
+            (Some(id), Some(c), Some(p)) => (id, c, p.trim_end_matches('/')),
+            _ => continue,
+        };
+        if controllers.is_empty() {
+            // v2: a limit anywhere up the tree applies.
+            let mut dir = path.to_owned();
+            loop {
+                files.push(format!("/sys/fs/cgroup{dir}/memory.max"));
+                match dir.rfind('/') {
+                    Some(i) => dir.truncate(i),
+                    None => break,
+                }
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            files.push(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"));
+        }
+    }
+    files.push("/sys/fs/cgroup/memory.max".into());
+    files.push("/sys/fs/cgroup/memory/memory.limit_in_bytes".into());
+    let cgroup_limit = files
+        .iter()
+        .filter_map(|f| parse_memory_max(&read(f)?))
+        .min();
+    let total = read("/proc/meminfo").and_then(|m| parse_mem_total(&m));
+    cgroup_limit.into_iter().chain(total).min()
+}
+
+/// A cgroup memory limit file: bytes, or `max` (v2) / a page-rounded 2^63 (v1) for none.
+fn parse_memory_max(text: &str) -> Option<u64> {
+    text.trim().parse::<u64>().ok().filter(|&n| n < 1 << 60)
+}
+
+/// `MemTotal` from `/proc/meminfo`, in bytes.
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
 /// Renders the variable table for `runnel --help`.
 pub fn help_table() -> String {
     let width = VARS.iter().map(|v| v.name.len()).max().unwrap_or(0);
@@ -415,6 +491,17 @@ pub fn help_table() -> String {
         out.push_str(&format!("  {:width$}  {}{}\n", v.name, v.help, default));
     }
     out
+}
+
+/// Parses a `RUNNEL_LOG` filter. Field values match literally, not as regular
+/// expressions: a pattern like `[{a=.*a.........}]` would otherwise compile to an
+/// automaton that takes seconds and gigabytes at start-up.
+pub fn parse_filter(
+    filter: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder()
+        .with_regex(false)
+        .parse(filter)
 }
 
 /// Parses a duration such as `250ms`, `5s`, `2m` or `1h` (`0` alone is zero).
@@ -691,6 +778,41 @@ fn edit_distance(a: &str, b: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_field_values_are_literal_not_regular_expressions() {
+        // As a regular expression this takes minutes and gigabytes to compile.
+        let bomb = format!("[{{a=.*a{}}}]", ".".repeat(24));
+        assert!(parse_filter(&bomb).is_ok());
+        assert!(parse_filter("runnel=debug,warn").is_ok());
+        assert!(parse_filter("runnel=loud").is_err());
+    }
+
+    #[test]
+    fn the_default_connection_limit_fits_the_memory_limit() {
+        const MIB: u64 = 1024 * 1024;
+        // Cloud Run's 512 MiB: (512 - 64) MiB / 300 KiB.
+        let at_512 = default_max_connections(Some(512 * MIB));
+        assert_eq!(at_512, 1529);
+        assert!(at_512 as u64 * CONNECTION_WORST_CASE + MEMORY_BASE <= 512 * MIB);
+        assert_eq!(default_max_connections(Some(128 * MIB)), 218);
+        assert_eq!(default_max_connections(Some(32 * MIB)), 1);
+        assert_eq!(default_max_connections(Some(64 * 1024 * MIB)), 10_000);
+        assert_eq!(default_max_connections(None), 10_000);
+    }
+
+    #[test]
+    fn memory_limit_files_parse_bytes_and_no_limit() {
+        assert_eq!(parse_memory_max("536870912\n"), Some(512 << 20));
+        assert_eq!(parse_memory_max("max\n"), None);
+        // cgroup v1 without a limit.
+        assert_eq!(parse_memory_max("9223372036854771712"), None);
+        assert_eq!(
+            parse_mem_total("MemTotal:        2097152 kB\nMemFree: 1 kB\n"),
+            Some(2 << 30)
+        );
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+    }
 
     #[test]
     fn durations_take_the_documented_units() {

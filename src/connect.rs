@@ -224,7 +224,10 @@ impl Connector {
                         return Ok((tcp, addr));
                     }
                     Some(Ok((addr, Err(e)))) => {
-                        self.avoid.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, Instant::now() + AVOID_FOR);
+                        // Out of descriptors is runnel's trouble, not the address's.
+                        if !crate::limits::is_local_exhaustion(&e) {
+                            self.avoid.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, Instant::now() + AVOID_FOR);
+                        }
                         last_error = Some(e);
                     }
                     Some(Err(_)) | None => {}

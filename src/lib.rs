@@ -18,6 +18,7 @@
 //! - `tunnel`: one downstream connection end to end, one span, one outcome.
 //! - `server`: the accept loop with permits and backoff.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz` on the metrics port.
+//! - `limits`: the file descriptor limit raised, and the connections that fit under it.
 //! - `metrics`, `logging`, `socket`, `error`: names, output, socket options, types.
 //! - `check`, `demo`: the `runnel check` and `runnel demo` commands.
 //!
@@ -33,6 +34,7 @@ pub mod demo;
 pub mod detect;
 pub mod dns;
 pub mod error;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pool;

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use runnel::{Config, Listeners, config, demo, logging};
+use runnel::{Config, Listeners, config, demo, limits, logging};
 use tokio::net::TcpListener;
 
 /// Configuration error: one line `VARIABLE: reason` (sysexits EX_USAGE).
@@ -41,17 +41,19 @@ fn main() -> ExitCode {
     if let Some(Command::Demo { listen, metrics }) = cli.command {
         return demo_main(listen, &metrics);
     }
-    let (config, warnings) = match Config::from_env() {
+    let (mut config, warnings) = match Config::from_env() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    logging::init(&config.log_filter, config.log_format, config.access_log);
+    // Held to the end of main: dropping it flushes the lines still queued.
+    let _logs = logging::init(&config.log_filter, config.log_format, config.access_log);
     for w in &warnings {
         tracing::warn!("{w}");
     }
+    fit_descriptors(&mut config);
     let runtime = match runtime(config.workers) {
         Ok(r) => r,
         Err(e) => {
@@ -114,7 +116,7 @@ fn demo_main(listen: SocketAddr, metrics: &str) -> ExitCode {
             }
         },
     };
-    logging::init("info", config::LogFormat::Text, false);
+    let _logs = logging::init("info", config::LogFormat::Text, false);
     let result = runtime(2).map_err(|e| e.to_string()).and_then(|rt| {
         rt.block_on(demo::run(
             demo::DemoOptions { listen, metrics },
@@ -128,6 +130,42 @@ fn demo_main(listen: SocketAddr, metrics: &str) -> ExitCode {
             ExitCode::from(EXIT_FAILURE)
         }
     }
+}
+
+/// Raises the descriptor limit and, if `RUNNEL_MAX_CONNECTIONS` still does not fit,
+/// lowers the connection limit to what does, with one warning.
+fn fit_descriptors(config: &mut Config) {
+    let fds = match limits::raise_nofile() {
+        Ok(fds) => fds,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the file descriptor limit");
+            let limit = limits::soft_nofile();
+            limits::Descriptors {
+                before: limit,
+                limit,
+            }
+        }
+    };
+    let fit = limits::fit(config.max_connections, limits::pooled(config), fds.limit);
+    if fit.connections < config.max_connections {
+        tracing::warn!(
+            fd.limit = fds.limit,
+            fd.needed = fit.needed,
+            max_connections.configured = config.max_connections,
+            max_connections.effective = fit.connections,
+            "RUNNEL_MAX_CONNECTIONS: {} connections need {} file descriptors but the limit is {}; serving at most {} at once",
+            config.max_connections,
+            fit.needed,
+            fds.limit,
+            fit.connections,
+        );
+        config.max_connections = fit.connections;
+    }
+    tracing::debug!(
+        fd.before = fds.before,
+        fd.limit = fds.limit,
+        "file descriptor limit"
+    );
 }
 
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {

@@ -40,6 +40,7 @@ pub const TLS_LAST_RELOAD: &str = "runnel_tls_last_reload_timestamp_seconds";
 pub const CLIENT_CERT_NOT_AFTER: &str = "runnel_client_certificate_not_after_timestamp_seconds";
 pub const DRAINING: &str = "runnel_draining";
 pub const BUILD_INFO: &str = "runnel_build_info";
+pub const LOG_LINES_DROPPED: &str = "runnel_log_lines_dropped_total";
 
 /// (name, kind, labels, description): the catalogue the README documents.
 pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
@@ -171,6 +172,12 @@ pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
     ),
     (DRAINING, "gauge", "", "1 while draining after SIGTERM"),
     (
+        LOG_LINES_DROPPED,
+        "counter",
+        "",
+        "log lines dropped because stderr could not keep up (the queue was full)",
+    ),
+    (
         BUILD_INFO,
         "gauge",
         "version, commit",
@@ -208,6 +215,8 @@ pub fn install() -> &'static PrometheusHandle {
         // A second install (another recorder already set) keeps the first: harmless.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        // Shown at 0 from the start, so an alert on it has a series to watch.
+        metrics::counter!(LOG_LINES_DROPPED).increment(0);
         metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "commit" => option_env!("RUNNEL_BUILD_COMMIT").unwrap_or("unknown")).set(1.0);
         handle
     })

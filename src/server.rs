@@ -17,12 +17,15 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::{
+    logging::{RateLimit, WARN_INTERVAL},
     metrics,
     tunnel::{self, Shared},
 };
 
 const BACKOFF_MIN: Duration = Duration::from_millis(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Out of descriptors, accept fails up to once per backoff: one line per interval.
+static ACCEPT_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
 
 /// Accepts until `stop_accepting` completes, then drops the listener (new
 /// connections are refused from then on).
@@ -61,7 +64,9 @@ pub async fn accept_loop(
             Err(e) => {
                 // EMFILE, ENFILE, ENOBUFS...: retrying at once would spin. Back off.
                 ::metrics::counter!(metrics::ACCEPT_ERRORS).increment(1);
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                if let Some(suppressed) = ACCEPT_FAILED.check("accept") {
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, suppressed, "accept failed; backing off");
+                }
                 tokio::select! {
                     _ = &mut stop_accepting => break,
                     _ = tokio::time::sleep(backoff) => {}

@@ -16,13 +16,14 @@ use crate::{
     copy::{self, Report},
     detect,
     error::Outcome,
+    logging::{ACCESS_LOG_TARGET, RateLimit, WARN_INTERVAL},
     metrics::{self, Handles},
     pool::Pools,
     socket,
 };
 
-/// The tracing target of access-log lines (`RUNNEL_ACCESS_LOG=on` enables it).
-pub const ACCESS_LOG_TARGET: &str = "runnel::access";
+/// Rate limit of the per-connection "upstream connection failed" warning.
+static UPSTREAM_FAILED: RateLimit = RateLimit::new(WARN_INTERVAL);
 
 /// What every connection shares.
 pub struct Shared {
@@ -141,13 +142,18 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
             c
         }
         Err(e) => {
-            tracing::warn!(
-                error = %e,
-                kind = e.kind(),
-                upstream = %shared.config.upstream,
-                downstream.addr = %down.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
-                "upstream connection failed; resetting the downstream"
-            );
+            // An outage fails every connection: one line per kind per interval, not one
+            // per connection (runnel_upstream_errors_total counts them all).
+            if let Some(suppressed) = UPSTREAM_FAILED.check(e.kind()) {
+                tracing::warn!(
+                    error = %e,
+                    kind = e.kind(),
+                    upstream = %shared.config.upstream,
+                    downstream.addr = %down.peer_addr().map_or_else(|_| "unknown".to_owned(), |a| a.to_string()),
+                    suppressed,
+                    "upstream connection failed; resetting the downstream"
+                );
+            }
             socket::abort(&down);
             let mut report = Report::ended(e.outcome());
             report.upstream_error = Some(e.kind());

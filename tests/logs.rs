@@ -1,5 +1,6 @@
-//! What runnel writes to its logs: the access log, a refused reload said once, and
-//! never a secret.
+//! What runnel writes to its logs: the access log, a refused reload said once, never a
+//! secret, an outage's warnings rate-limited, and a stderr nobody reads costs lines,
+//! never the tunnel.
 
 mod support;
 
@@ -211,4 +212,162 @@ async fn no_secret_reaches_the_logs() {
     for needle in ["PRIVATE KEY", &key_body[..24.min(key_body.len())]] {
         assert!(!all.contains(needle), "{needle:?} found in the logs");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_outage_logs_one_warning_per_interval_with_the_count_suppressed() {
+    let pki = pki();
+    // An upstream that refuses every connection: a port bound, then closed.
+    let refused = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let vars = support::gateway::binary_vars(
+        &pki,
+        refused,
+        &[
+            ("RUNNEL_POOL_MAX", "0"),
+            ("RUNNEL_METRICS_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    let (runnel, listening) = serve(vars).await;
+    let failed = |runnel: &support::process::Runnel| -> Vec<Value> {
+        json_lines(&runnel.stderr())
+            .into_iter()
+            .filter(|l| {
+                field(l, "message").and_then(Value::as_str)
+                    == Some("upstream connection failed; resetting the downstream")
+            })
+            .collect()
+    };
+    let attempt = |addr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"x").await.unwrap();
+        // Reset once the dial fails.
+        assert!(read_to_end(&mut s).await.is_err(), "not reset");
+    };
+    let burst = 200;
+    for _ in 0..burst {
+        attempt(listening.listen).await;
+    }
+    let lines = failed(&runnel);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        field(&lines[0], "suppressed"),
+        Some(&Value::from(0)),
+        "{}",
+        lines[0]
+    );
+    assert_eq!(
+        field(&lines[0], "kind").and_then(Value::as_str),
+        Some("connect")
+    );
+    // The outage goes on: the next line, an interval later, counts what was left out.
+    let mut more = 0;
+    let second = loop {
+        attempt(listening.listen).await;
+        more += 1;
+        let lines = failed(&runnel);
+        if lines.len() > 1 {
+            assert_eq!(lines.len(), 2, "{lines:?}");
+            break lines[1].clone();
+        }
+        assert!(more < 1000, "no second line after {more} more failures");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Every failure between the two lines was suppressed and is reported (the second
+    // line reaches stderr through the queue, so it may come one attempt late).
+    let suppressed = field(&second, "suppressed")
+        .and_then(Value::as_u64)
+        .unwrap();
+    assert!(
+        (burst - 1..=burst + more - 2).contains(&suppressed),
+        "{suppressed} suppressed after {burst} + {more} failures: {second}"
+    );
+    let metrics = listening.metrics.unwrap();
+    let (_, body) = tokio::task::spawn_blocking(move || http_get(metrics, "/metrics", DEADLINE))
+        .await
+        .unwrap()
+        .unwrap();
+    // Every failure counted (the readiness probe's failures count too).
+    let counted = body
+        .lines()
+        .find_map(|l| l.strip_prefix("runnel_upstream_errors_total{kind=\"connect\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap();
+    assert!(
+        counted >= burst + more,
+        "{counted} counted of {burst} + {more}"
+    );
+}
+
+/// A child whose stderr nobody reads after start-up; killed on drop.
+struct Unread(std::process::Child);
+
+impl Drop for Unread {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stderr_drops_and_counts_lines_and_never_stalls_the_tunnel() {
+    use std::io::BufRead;
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let mut vars = base(&pki, gateway.addr);
+    // Every connection logs dozens of lines.
+    vars.push(("RUNNEL_LOG".into(), "trace".into()));
+    let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut command = support::process::runnel_command(&[], &vars);
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Unread(command.spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
+    // Read up to "listening", then never again: the pipe fills and stays full.
+    let (stderr, listening) = tokio::task::spawn_blocking(move || {
+        let mut reader = std::io::BufReader::new(stderr);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "stderr closed");
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if field(&v, "message").and_then(Value::as_str) == Some("listening") {
+                    return (reader, v);
+                }
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let addr = |k: &str| -> std::net::SocketAddr {
+        field(&listening, k)
+            .and_then(Value::as_str)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (listen, metrics) = (addr("listen.addr"), addr("metrics.addr"));
+    let dropped = move || {
+        let (_, body) = http_get(metrics, "/metrics", DEADLINE).unwrap();
+        body.lines()
+            .find_map(|l| l.strip_prefix("runnel_log_lines_dropped_total "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap()
+    };
+    let mut served = 0;
+    while tokio::task::spawn_blocking(dropped).await.unwrap() == 0.0 {
+        // Each exchange completes whatever stderr does.
+        let mut s = TcpStream::connect(listen).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.shutdown().await.unwrap();
+        let echoed = tokio::time::timeout(DEADLINE, read_to_end(&mut s)).await;
+        assert_eq!(echoed.expect("tunnel stalled").unwrap(), b"ping");
+        served += 1;
+        assert!(served < 5000, "no line dropped after {served} connections");
+    }
+    drop(stderr);
 }
