@@ -146,10 +146,11 @@ impl Connector {
             Ok(result) => result,
             Err(_) => Err(ConnectError::Timeout),
         };
-        if let Err(e) = &result
-            && !e.is_local()
-        {
-            self.mark_failed();
+        match &result {
+            // Out of descriptors or memory: this instance's trouble, not the gateway's.
+            Err(ConnectError::Tcp(e)) if crate::limits::is_local_exhaustion(e) => {}
+            Err(_) => self.mark_failed(),
+            Ok(_) => {}
         }
         result
     }

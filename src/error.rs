@@ -82,18 +82,6 @@ impl ConnectError {
         }
     }
 
-    /// Whether the failure is this instance's own (out of descriptors or memory), not
-    /// the gateway's: it must not count against the gateway's address or readiness.
-    pub fn is_local(&self) -> bool {
-        const EMFILE: i32 = 24;
-        const ENFILE: i32 = 23;
-        const ENOBUFS: i32 = 105;
-        match self {
-            Self::Tcp(e) => matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS)),
-            _ => false,
-        }
-    }
-
     /// The outcome a downstream connection gets when its upstream fails this way.
     pub fn outcome(&self) -> Outcome {
         match self {
