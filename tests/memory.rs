@@ -18,7 +18,9 @@ const CONNECTIONS: usize = 200;
 /// Growth allowed beyond the per-connection bound: the runtime's per-thread buffers,
 /// the allocator's arenas, the tasks' first allocations.
 const SLACK: u64 = 16 * 1024 * 1024;
-/// The receive buffer of the test's own sockets.
+/// The receive and send buffers of the test's own sockets. Small send buffers too:
+/// autotuned ones (up to 4 MiB a socket) on 400 sockets pushed the whole machine into
+/// TCP memory pressure, where the kernel resets other tests' connections.
 const PEER_BUFFER: u32 = 8 * 1024;
 /// How long the buffers may take to fill on a loaded machine.
 const SETTLE: Duration = Duration::from_secs(90);
@@ -30,6 +32,7 @@ async fn pushing_gateway(tls: Arc<rustls::ServerConfig>, tasks: &mut JoinSet<()>
     // Small kernel buffers on the test's side: they fill in a moment, so runnel's own
     // buffers fill soon after (they are what is measured, not the kernel's).
     socket.set_recv_buffer_size(PEER_BUFFER).unwrap();
+    socket.set_send_buffer_size(PEER_BUFFER).unwrap();
     socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = socket.listen(1024).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -106,6 +109,7 @@ async fn connections_stalled_on_both_sides_stay_within_the_stated_bound() {
     for _ in 0..CONNECTIONS {
         let socket = TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(PEER_BUFFER).unwrap();
+        socket.set_send_buffer_size(PEER_BUFFER).unwrap();
         let mut s = socket.connect(listening.listen).await.unwrap();
         tasks.spawn(async move {
             let chunk = vec![b'd'; 64 * 1024];
