@@ -27,8 +27,14 @@ pub async fn run(config: &Config) -> Result<String, String> {
     crate::pool::admit(&connector, &mut connected)
         .await
         .map_err(|reason| {
+            let hint = match reason {
+                crate::pool::Discard::Rejected => {
+                    ": check that it trusts this client certificate (RUNNEL_TLS_CERT_*)"
+                }
+                _ => "",
+            };
             format!(
-                "{}: the connection ended right after the handshake: {} ({}): check that it trusts this client certificate (RUNNEL_TLS_CERT_*)",
+                "{}: the connection ended right after the handshake: {} ({}){hint}",
                 config.upstream,
                 reason.describe(),
                 reason.label()

@@ -41,6 +41,8 @@ const RESOLVE_RETRY: Duration = Duration::from_secs(1);
 /// as unreachable: one stray reset under load does not flip readiness, an outage does
 /// within a few attempts.
 const FAILURES_TO_UNREADY: u32 = 3;
+/// ... and no success for this long.
+const FAILING_AFTER: Duration = Duration::from_secs(2);
 
 /// Which ALPN offer (and so which `ClientConfig`) a connection uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +151,9 @@ impl Connector {
         match &result {
             // Out of descriptors or memory: this instance's trouble, not the gateway's.
             Err(ConnectError::Tcp(e)) if crate::limits::is_local_exhaustion(e) => {}
+            // Under RUNNEL_ALPN=auto the h2 offer is a guess: a gateway that speaks only
+            // HTTP/1.1 still serves every HTTP/1.1 connection.
+            Err(e) if offer == Offer::H2 && e.kind() == "alpn_mismatch" => {}
             Err(_) => self.mark_failed(),
             Ok(_) => {}
         }
@@ -325,13 +330,16 @@ impl Connector {
     }
 
     /// Whether a new connection would work now, judged by the latest attempts: the
-    /// gateway accepted one within `window`, and fewer than `FAILURES_TO_UNREADY`
-    /// attempts failed since.
+    /// gateway accepted one within `window`, and there is no run of
+    /// `FAILURES_TO_UNREADY` failures with no success for `FAILING_AFTER`.
     pub fn gateway_ok(&self, window: Duration) -> bool {
         let at = self.last_ok_millis.load(Ordering::Relaxed);
-        at != 0
-            && self.now_millis() <= at + window.as_millis() as u64
-            && self.failures_in_row.load(Ordering::Relaxed) < FAILURES_TO_UNREADY
+        let now = self.now_millis();
+        // A run of failures counts only once no success came for a moment: under heavy
+        // traffic a gateway shedding a few connections still serves the rest.
+        let failing = self.failures_in_row.load(Ordering::Relaxed) >= FAILURES_TO_UNREADY
+            && now > at + FAILING_AFTER.as_millis() as u64;
+        at != 0 && now <= at + window.as_millis() as u64 && !failing
     }
 
     /// Whether the latest attempt failed.

@@ -198,7 +198,13 @@ pub async fn run(
 
     // Idle with bytes still owed (a writer that stopped taking them, or TLS records
     // rustls holds for a socket that would not take them) is a stall, not an end.
-    let owed = to_up.buf.is_some() || to_down.buf.is_some() || up.get_ref().1.wants_write();
+    // The kernel's send queues count too: a gateway that kept its window shut holds
+    // what runnel wrote, and a FIN queued behind it would end a stream it never took.
+    let owed = to_up.buf.is_some()
+        || to_down.buf.is_some()
+        || up.get_ref().1.wants_write()
+        || (outcome == Outcome::IdleTimeout
+            && (socket::unsent(up.get_ref().0.tcp()) || socket::unsent(&down)));
     let outcome = match outcome {
         Outcome::IdleTimeout if owed => Outcome::IdleTimeoutStalled,
         Outcome::IdleTimeout if !close_gracefully(&mut down, &mut up).await => {

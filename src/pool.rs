@@ -14,7 +14,7 @@
 //!   quiet probation period with no alert);
 //! - a connection is handed out only after a fresh look at its socket (a syscall, not
 //!   the runtime's cached readiness, which is stale after the process was frozen)
-//!   finds nothing pending, and while it is younger than `RUNNEL_POOL_MAX_IDLE`;
+//!   finds it open both ways, and while it is younger than `RUNNEL_POOL_MAX_IDLE`;
 //! - a connection made with TLS material that has since been reloaded is never handed
 //!   out; it retires within `RELOAD_SPREAD`.
 
@@ -79,7 +79,8 @@ pub enum Discard {
     Rejected,
     /// An HTTP/2 gateway sent GOAWAY: it will take no new streams on it.
     GoAway,
-    /// Something was pending on it at checkout (after the process was frozen, say).
+    /// The gateway had closed or reset it, seen only at checkout (the process was
+    /// frozen meanwhile, say).
     Stale,
     MaxIdle,
     Drain,
@@ -505,7 +506,7 @@ async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Refusal> {
                 return Poll::Ready(Ok(()));
             }
             Poll::Ready(Ok(())) => {
-                return Poll::Ready(Err((Discard::UnexpectedData, "handshake")));
+                return Poll::Ready(Err((Discard::UnexpectedData, CLOSED_AFTER_HANDSHAKE)));
             }
             Poll::Ready(Err(e)) => return Poll::Ready(Err(refusal(&e))),
             Poll::Pending => {}
@@ -643,7 +644,7 @@ async fn watch(
             event = Event::MaxIdle;
         } else if connected.info.generation < pools.connector.generation() {
             event = Event::Reloaded;
-        } else if !socket::quiet(connected.stream.get_ref().0.tcp()) {
+        } else if !socket::open(connected.stream.get_ref().0.tcp()) {
             event = Event::Stale;
         }
     }

@@ -26,13 +26,16 @@ use tokio::net::TcpStream;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_PROBES: u32 = 3;
-/// A gateway that acknowledged nothing for this long while data or probes were
-/// outstanding is gone (an answering gateway acknowledges a retransmission within a
-/// few round trips, and a zero-window probe at once).
+/// A gateway that acknowledged nothing for this long while data was in flight, or
+/// while three probes in a row went unanswered, is gone (an answering gateway
+/// acknowledges a retransmission within a few round trips, and a probe at once).
 const UNANSWERED: Duration = Duration::from_secs(60);
-/// Zero-window probes back off to one every 120 s (Linux's TCP_RTO_MAX): with one
-/// probe outstanding, silence this long means that probe went unanswered too.
-const UNANSWERED_SHUT_WINDOW: Duration = Duration::from_secs(150);
+/// Zero-window probes back off to one every 120 s (Linux's TCP_RTO_MAX), so one lost
+/// probe can leave 240 s of silence with two probes counted: past this, with two
+/// unanswered, the window stayed shut on a gateway that is gone.
+const UNANSWERED_SHUT_WINDOW: Duration = Duration::from_secs(270);
+/// `tcp_info.tcpi_state` of an established connection (the kernel's TCP_ESTABLISHED).
+const ESTABLISHED: u8 = 1;
 
 /// Options for an accepted downstream socket.
 pub fn downstream(stream: &TcpStream) {
@@ -52,15 +55,26 @@ pub fn upstream(stream: &TcpStream) {
     );
 }
 
-/// Whether nothing is pending on the socket: no bytes, no FIN, no error. A syscall
-/// (`recv` with `MSG_PEEK`), not the runtime's cached readiness, which is stale after
-/// the process was frozen while the peer closed.
-pub fn quiet(stream: &TcpStream) -> bool {
+/// Whether the connection is still open both ways: no FIN and no reset from the peer.
+/// Asked of the kernel (`TCP_INFO`'s state, else a `MSG_PEEK`), not of the runtime's
+/// cached readiness, which is stale after the process was frozen while the peer
+/// closed. Bytes merely pending (a late session ticket) leave it open.
+pub fn open(stream: &TcpStream) -> bool {
+    if let Ok(info) = tcp_info(stream) {
+        return info.tcpi_state == ESTABLISHED;
+    }
     let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-    matches!(
-        SockRef::from(stream).peek(&mut byte),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock
-    )
+    match SockRef::from(stream).peek(&mut byte) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    }
+}
+
+/// Whether the kernel still holds bytes written to this socket that the peer has not
+/// acknowledged: owed bytes, for the idle timeout. False when the platform cannot tell.
+pub fn unsent(stream: &TcpStream) -> bool {
+    tcp_info(stream).is_ok_and(|i| i.tcpi_notsent_bytes > 0 || i.tcpi_unacked > 0)
 }
 
 /// What the kernel says about the upstream peer of a connection where nothing moved.
@@ -90,8 +104,8 @@ pub fn peer(stream: &TcpStream) -> Peer {
     if !in_flight && !queued && probes == 0 {
         return Peer::Idle;
     }
-    let dead = (silent >= UNANSWERED && (in_flight || probes >= 2))
-        || (silent >= UNANSWERED_SHUT_WINDOW && (probes > 0 || queued));
+    let dead = (silent >= UNANSWERED && (in_flight || probes >= 3))
+        || (silent >= UNANSWERED_SHUT_WINDOW && probes >= 2);
     match dead {
         true => Peer::Unresponsive,
         false => Peer::Answering,
@@ -118,6 +132,12 @@ fn tcp_info(stream: &TcpStream) -> io::Result<libc::tcp_info> {
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
+    }
+    // A kernel that fills less than the fields read here cannot answer (they would
+    // read as 0: "nothing outstanding").
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_notsent_bytes) + 4;
+    if (len as usize) < needed {
+        return Err(io::ErrorKind::Unsupported.into());
     }
     // SAFETY: zero-initialised above, and every field is an integer: any bytes are valid.
     Ok(unsafe { info.assume_init() })

@@ -176,8 +176,14 @@ async fn serve(mut down: TcpStream, shared: &Shared) -> (Report, Option<Handshak
         connected.early,
         shared.config.idle_timeout,
         &shared.abort,
-        // The gateway answered: readiness holds from now, not from the end of the stream.
-        || shared.pools.mark_accepted(),
+        // The gateway answered a connection made just now: readiness holds from now, not
+        // from the end of the stream. A pooled one proves only that it accepted a
+        // connection up to RUNNEL_POOL_MAX_IDLE ago.
+        || {
+            if !info.pooled {
+                shared.pools.mark_accepted()
+            }
+        },
     )
     .await;
     // Under TLS 1.3 a refused client certificate is an alert after the client's
