@@ -234,13 +234,19 @@ fn demo_answers_http1_and_h2_and_names_the_protocol_it_saw() {
     );
     assert!(posted.contains("protocol: HTTP/2"), "{posted}");
 
-    // nghttp, stricter than curl: three requests as three streams on one connection.
+    // nghttp, stricter than curl: three requests as three streams on one connection;
+    // then one with a 15-byte stream window (-w 4), so the reply waits for WINDOW_UPDATEs.
     if let Some(nghttp) = peer("TEST_NGHTTP_BIN", "nghttp") {
         let urls = [url.clone(), format!("{url}a"), format!("{url}b")];
         let mut args = vec!["-t", "20"];
         args.extend(urls.iter().map(String::as_str));
         let out = run_peer("nghttp", &nghttp, &args);
         assert_eq!(out.matches("protocol: HTTP/2").count(), 3, "{out}");
+        let out = run_peer("nghttp", &nghttp, &["-t", "20", "-w", "4", &url]);
+        assert!(
+            out.contains("protocol: HTTP/2") && out.contains(identity),
+            "{out}"
+        );
     }
     demo.signal("TERM");
     assert_eq!(demo.wait_exit(TIMEOUT).and_then(|s| s.code()), Some(0));

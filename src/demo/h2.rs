@@ -277,21 +277,24 @@ impl Conn {
     async fn flush<S: AsyncWrite + Unpin>(&mut self, io: &mut S) -> io::Result<()> {
         let mut done = Vec::new();
         for (stream, (window, left)) in &mut self.replies {
-            let allowed = (*window).min(self.send_window).max(0);
-            let n = left
-                .len()
-                .min(MAX_FRAME)
-                .min(usize::try_from(allowed).unwrap_or(0));
-            if n == 0 && !left.is_empty() {
-                continue;
-            }
-            let flags = if n == left.len() { END_STREAM } else { 0 };
-            write_frame(io, DATA, flags, *stream, &left[..n]).await?;
-            left.drain(..n);
-            *window -= n as i64;
-            self.send_window -= n as i64;
-            if flags == END_STREAM {
-                done.push(*stream);
+            loop {
+                let allowed = (*window).min(self.send_window).max(0);
+                let n = left
+                    .len()
+                    .min(MAX_FRAME)
+                    .min(usize::try_from(allowed).unwrap_or(0));
+                if n == 0 && !left.is_empty() {
+                    break; // until a WINDOW_UPDATE
+                }
+                let flags = if n == left.len() { END_STREAM } else { 0 };
+                write_frame(io, DATA, flags, *stream, &left[..n]).await?;
+                left.drain(..n);
+                *window -= n as i64;
+                self.send_window -= n as i64;
+                if flags == END_STREAM {
+                    done.push(*stream);
+                    break;
+                }
             }
         }
         for stream in done {
