@@ -35,6 +35,7 @@ const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 
+const SETTINGS_MAX_CONCURRENT_STREAMS: u16 = 0x3;
 const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 const PROTOCOL_ERROR: u32 = 0x1;
 const FLOW_CONTROL_ERROR: u32 = 0x3;
@@ -46,6 +47,8 @@ const MAX_FRAME: usize = 16_384;
 const DEFAULT_WINDOW: i64 = 65_535;
 /// The largest window RFC 9113 allows.
 const MAX_WINDOW: i64 = (1 << 31) - 1;
+/// Streams a client may have open at once (announced): bounds what a connection holds.
+const MAX_STREAMS: u32 = 100;
 
 /// Serves one HTTP/2 connection (after ALPN h2): answers each request with `page`
 /// (text/plain) once the request's stream has ended, until the client goes away.
@@ -58,8 +61,10 @@ where
     if &preface != PREFACE {
         return Err(invalid("no HTTP/2 connection preface"));
     }
-    // Our SETTINGS: none changed from the defaults.
-    write_frame(io, SETTINGS, 0, 0, &[]).await?;
+    // Our SETTINGS: the defaults but for a bound on open streams.
+    let mut settings = SETTINGS_MAX_CONCURRENT_STREAMS.to_be_bytes().to_vec();
+    settings.extend_from_slice(&MAX_STREAMS.to_be_bytes());
+    write_frame(io, SETTINGS, 0, 0, &settings).await?;
     let mut conn = Conn {
         send_window: DEFAULT_WINDOW,
         initial_window: DEFAULT_WINDOW,
@@ -163,6 +168,11 @@ impl Conn {
                 // A new request on a higher odd stream, or trailers on an open one.
                 if !self.open.contains(&stream) {
                     if stream % 2 == 0 || stream <= self.last_stream {
+                        return Err(PROTOCOL_ERROR);
+                    }
+                    // Over the announced limit: a stream error the RFC lets us
+                    // treat as a connection error.
+                    if self.open.len() + self.replies.len() >= MAX_STREAMS as usize {
                         return Err(PROTOCOL_ERROR);
                     }
                     self.last_stream = stream;
