@@ -22,6 +22,8 @@
 FROM rust:1.95.0-slim-bookworm AS builder
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The build environment every build shares (AWS_LC_SYS_NO_JITTER_ENTROPY, see there).
+COPY .cargo/config.toml ./.cargo/
 COPY src ./src
 # Read at compile time by option_env!("RUNNEL_BUILD_COMMIT") for runnel_build_info.
 ARG RUNNEL_BUILD_COMMIT=unknown
@@ -33,11 +35,6 @@ ENV RUNNEL_BUILD_COMMIT=${RUNNEL_BUILD_COMMIT}
 # ids) finds glibc's getrandom() with dlsym, which a static binary cannot do, and then
 # falls back to opening /dev/urandom; this cfg makes it call getrandom() directly, so
 # the binary needs no /dev at all (Linux >= 3.17).
-# AWS_LC_SYS_NO_JITTER_ENTROPY=1: aws-lc seeds its random generator from CPU jitter as
-# well as from getrandom(); the jitter source costs ~30 ms of CPU on the first random
-# byte of every process, i.e. on the first handshake after a cold start. getrandom()
-# alone is what OpenSSL, BoringSSL and ring rely on.
-ENV AWS_LC_SYS_NO_JITTER_ENTROPY=1
 # The cache mounts keep the registry and the target directory between builds.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

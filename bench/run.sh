@@ -113,9 +113,10 @@ need_tools
 if [[ " ${TUNNELS[*]} " == *" runnel "* ]]; then
     RUNNEL_BIN=${RUNNEL_BIN_PATH:-$REPO_DIR/target/release/runnel}
     if [[ -z ${RUNNEL_BIN_PATH:-} ]]; then
-        # As the Dockerfile builds it (no aws-lc CPU jitter entropy); a no-op when fresh.
+        # As the image builds it: the build environment (no aws-lc CPU jitter entropy)
+        # comes from .cargo/config.toml, as for every build; a no-op when fresh.
         log "building runnel (cargo build --release)"
-        (cd "$REPO_DIR" && AWS_LC_SYS_NO_JITTER_ENTROPY=1 cargo build --release) \
+        (cd "$REPO_DIR" && cargo build --release) \
             >>"$WORK/logs/cargo.log" 2>&1 \
             || die "cargo build --release failed (see $WORK/logs/cargo.log)"
     fi

@@ -775,6 +775,26 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// Inline PEM (`RUNNEL_TLS_*_PEM`) is a secret for the key and never worth printing for
+/// the others: `Debug` of a source, and so of `Config` and all that holds it, shows the
+/// variable and the size only. Files show their path.
+impl std::fmt::Debug for tls::Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            tls::Source::File { var, path } => f
+                .debug_struct("File")
+                .field("var", var)
+                .field("path", path)
+                .finish(),
+            tls::Source::Pem { var, text } => f
+                .debug_struct("Pem")
+                .field("var", var)
+                .field("text", &format_args!("<{} bytes redacted>", text.len()))
+                .finish(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,11 @@
 //! The PKI (`Pki`) and the gateway's TLS config are also what the tests use, so the
 //! demo and the suite exercise the same certificates. Invariant: nothing here is used
 //! by the serving path; it exists to show and test runnel with no setup.
+//!
+//! The gateway answers HTTP/1.1 and, after ALPN h2, HTTP/2 (`h2`), and its page names
+//! the protocol it saw, so the demo shows runnel carrying both.
+
+mod h2;
 
 use std::{io, net::SocketAddr, path::Path, sync::Arc, time::SystemTime};
 
@@ -172,7 +177,8 @@ pub fn client_identity(cert: &CertificateDer<'_>) -> String {
     cert.subject().to_string()
 }
 
-/// Serves the demo gateway: mTLS, then a short HTTP/1.1 page naming the client identity.
+/// Serves the demo gateway: mTLS, then a short page naming the client identity and the
+/// protocol, over HTTP/2 when ALPN chose `h2`, else HTTP/1.1.
 pub async fn serve_gateway(listener: TcpListener, tls: Arc<ServerConfig>, stop: CancellationToken) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
@@ -207,6 +213,16 @@ async fn gateway_connection(
     let version = conn
         .protocol_version()
         .map_or("?".into(), |v| format!("{v:?}"));
+    let page = |protocol: &str| {
+        format!(
+            "hello from the runnel demo gateway\nprotocol: {protocol}\nclient identity: {identity}\ntls: {version}, alpn {alpn}\nseen from: {peer}\n"
+        )
+    };
+    if alpn == "h2" {
+        h2::serve(&mut tls, &page("HTTP/2")).await?;
+        return tls.shutdown().await;
+    }
+    let page = page("HTTP/1.1");
     let mut buf = Vec::new();
     loop {
         let Some((head_len, body_len, close)) = read_request_head(&mut tls, &mut buf).await? else {
@@ -223,9 +239,6 @@ async fn gateway_connection(
             }
             body_left -= n.min(body_left);
         }
-        let page = format!(
-            "hello from the runnel demo gateway\nclient identity: {identity}\ntls: {version}, alpn {alpn}\nseen from: {peer}\n"
-        );
         let response = format!(
             "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{page}",
             page.len(),
@@ -296,7 +309,9 @@ pub async fn run(
         .await
         .map_err(|e| format!("cannot bind the demo gateway: {e}"))?;
     let gateway_addr = gateway.local_addr().map_err(|e| e.to_string())?;
-    let tls = pki.gateway_tls(&[b"http/1.1"]).map_err(|e| e.to_string())?;
+    let tls = pki
+        .gateway_tls(&[b"h2", b"http/1.1"])
+        .map_err(|e| e.to_string())?;
     let stop = CancellationToken::new();
     tokio::spawn(serve_gateway(gateway, tls, stop.clone()));
 
@@ -306,10 +321,9 @@ pub async fn run(
         ("RUNNEL_TLS_CA_PEM", pki.ca_cert_pem.clone()),
         ("RUNNEL_TLS_CERT_PEM", pki.client.cert_pem.clone()),
         ("RUNNEL_TLS_KEY_PEM", pki.client.key_pem.clone()),
+        // RUNNEL_ALPN stays auto, as in production: h2c prior knowledge goes upstream
+        // as ALPN h2, anything else as http/1.1.
         ("RUNNEL_LISTEN", options.listen.to_string()),
-        // The demo gateway speaks HTTP/1.1 only; offering exactly that keeps runnel from
-        // warming an h2 pool the gateway would refuse.
-        ("RUNNEL_ALPN", "http/1.1".to_owned()),
         (
             "RUNNEL_METRICS_ADDR",
             options.metrics.map_or("off".into(), |a| a.to_string()),
@@ -334,6 +348,7 @@ pub async fn run(
     println!("and runnel in front of it on {listen}. Try:");
     println!();
     println!("  curl http://{listen}/");
+    println!("  curl --http2-prior-knowledge http://{listen}/");
     if let Some(m) = metrics {
         println!("  curl http://{m}/metrics");
     }

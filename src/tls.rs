@@ -30,8 +30,9 @@ const SESSION_CACHE_SIZE: usize = 256;
 /// TLS 1.3 tickets kept per server name: enough to resume a burst of new connections.
 const TICKETS_PER_SERVER: usize = 64;
 
-/// Where one piece of PEM comes from, with the variable that named it.
-#[derive(Debug, Clone)]
+/// Where one piece of PEM comes from, with the variable that named it. `Debug` (in
+/// config.rs) never shows inline PEM.
+#[derive(Clone)]
 pub enum Source {
     File { var: &'static str, path: PathBuf },
     Pem { var: &'static str, text: String },
@@ -192,41 +193,91 @@ fn client_config(
     tls.alpn_protocols = alpn;
     tls.resumption = Resumption::store(store);
     if let Some(path) = &config.key_log {
-        tls.key_log = Arc::new(KeyLogFile::new(path));
+        tls.key_log = KeyLogFile::shared(path);
     }
     Ok(tls)
 }
 
 /// Appends TLS secrets in the NSS key log format (what Wireshark reads), for
 /// debugging only. The path comes from `Config`, not from the environment directly.
+///
+/// One writer per path for the whole process: every ALPN config, and every config a
+/// reload builds, shares one descriptor and one lock, so lines from different configs
+/// cannot interleave and reloads do not pile up descriptors. The file is created 0600,
+/// as it holds what decrypts the upstream traffic; an existing regular file that others
+/// can read is refused (with a warning), not written to: the secrets would leak to
+/// whoever can read it, and changing the mode of a file runnel did not create is not
+/// runnel's call.
 #[derive(Debug)]
 struct KeyLogFile {
     file: Option<std::sync::Mutex<std::fs::File>>,
 }
 
 impl KeyLogFile {
-    fn new(path: &std::path::Path) -> KeyLogFile {
-        let file = std::fs::OpenOptions::new()
+    /// The process's writer for `path`, opened on first use.
+    fn shared(path: &std::path::Path) -> Arc<KeyLogFile> {
+        type Writers = std::collections::HashMap<PathBuf, Arc<KeyLogFile>>;
+        static WRITERS: std::sync::OnceLock<std::sync::Mutex<Writers>> = std::sync::OnceLock::new();
+        let mut writers = WRITERS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        writers
+            .entry(path.to_path_buf())
+            .or_insert_with(|| Arc::new(KeyLogFile::open(path)))
+            .clone()
+    }
+
+    fn open(path: &std::path::Path) -> KeyLogFile {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let opened = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path);
-        if let Err(e) = &file {
-            tracing::warn!(path = %path.display(), error = %e, "SSLKEYLOGFILE: cannot open; no secrets will be written");
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "SSLKEYLOGFILE: cannot open; no secrets will be written");
+                return KeyLogFile { file: None };
+            }
+        };
+        // The mode of what was opened (fstat), not of whatever the path names now.
+        let mode = file.metadata().map_or(0, |m| {
+            if m.is_file() {
+                m.permissions().mode()
+            } else {
+                0
+            }
+        });
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "SSLKEYLOGFILE: the file is readable or writable by other users; no secrets will be written (chmod 600 it, or remove it and runnel creates it 0600)");
+            return KeyLogFile { file: None };
         }
         KeyLogFile {
-            file: file.ok().map(std::sync::Mutex::new),
+            file: Some(std::sync::Mutex::new(file)),
         }
     }
 }
 
 impl rustls::KeyLog for KeyLogFile {
     fn log(&self, label: &str, client_random: &[u8], secret: &[u8]) {
-        use std::io::Write;
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        if let Some(file) = &self.file {
-            let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = writeln!(f, "{label} {} {}", hex(client_random), hex(secret));
+        use std::{fmt::Write as _, io::Write as _};
+        let Some(file) = &self.file else { return };
+        // The whole line first, then one write: with O_APPEND a single write lands
+        // whole even beside another process appending to the same file.
+        let mut line =
+            String::with_capacity(label.len() + 2 * (client_random.len() + secret.len()) + 3);
+        line.push_str(label);
+        for bytes in [client_random, secret] {
+            line.push(' ');
+            for b in bytes {
+                let _ = write!(line, "{b:02x}");
+            }
         }
+        line.push('\n');
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = f.write_all(line.as_bytes());
     }
 }
 

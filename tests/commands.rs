@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use support::{
     gateway::{Behaviour, Gateway, pki},
-    process::{Finished, Runnel, http_get, run_to_exit},
+    process::{Finished, Process, Runnel, TempDir, http_get, peer, run_to_exit},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,9 +98,10 @@ fn check_against_nothing_fails_with_the_reason() {
     );
 }
 
-#[test]
-fn demo_serves_a_page_naming_the_client_identity() {
-    let mut demo = Runnel::spawn(
+/// Starts `runnel demo` on ephemeral ports; returns it and the address its first curl
+/// line names.
+fn demo() -> (Runnel, String) {
+    let demo = Runnel::spawn(
         &[
             "demo",
             "--listen",
@@ -111,14 +112,14 @@ fn demo_serves_a_page_naming_the_client_identity() {
         &[],
     );
     let deadline = std::time::Instant::now() + TIMEOUT;
-    let addr = loop {
+    loop {
         if let Some(addr) = demo.stdout().iter().find_map(|l| {
             l.trim()
                 .strip_prefix("curl http://")
                 .and_then(|r| r.strip_suffix('/'))
                 .map(str::to_owned)
         }) {
-            break addr;
+            return (demo, addr);
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -127,7 +128,12 @@ fn demo_serves_a_page_naming_the_client_identity() {
             demo.stderr()
         );
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+}
+
+#[test]
+fn demo_serves_a_page_naming_the_client_identity() {
+    let (mut demo, addr) = demo();
     let (status, body) = http_get(addr.parse().unwrap(), "/", TIMEOUT).unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -165,4 +171,83 @@ fn unresolvable_upstream_is_not_fatal_at_start_up() {
     );
     runnel.signal("TERM");
     assert_eq!(runnel.wait_exit(TIMEOUT).and_then(|s| s.code()), Some(0));
+}
+
+/// Runs a peer program to its end; its stdout, after checking it exited 0.
+fn run_peer(name: &str, program: &std::path::Path, args: &[&str]) -> String {
+    let mut command = std::process::Command::new(program);
+    command.args(args);
+    let finished = Process::spawn(name, command).finish(TIMEOUT);
+    assert_eq!(
+        finished.status.code(),
+        Some(0),
+        "{name} {args:?}: {:?} {:?}",
+        finished.stdout,
+        finished.stderr
+    );
+    finished.stdout.join("\n")
+}
+
+#[test]
+fn demo_answers_http1_and_h2_and_names_the_protocol_it_saw() {
+    let Some(curl) = peer("TEST_CURL_BIN", "curl") else {
+        return;
+    };
+    let (mut demo, addr) = demo();
+    let url = format!("http://{addr}/");
+    // The lines the demo prints, as a user would paste them.
+    let printed = demo.stdout().join("\n");
+    assert!(
+        printed.contains(&format!("curl --http2-prior-knowledge {url}")),
+        "{printed}"
+    );
+    let identity = "client identity: spiffe://cluster.local/ns/runnel/sa/runnel";
+    let curl_get = |flag: &str| run_peer("curl", &curl, &["-sS", "--max-time", "20", flag, &url]);
+    let http1 = curl_get("--http1.1");
+    assert!(http1.contains("protocol: HTTP/1.1"), "{http1}");
+    assert!(
+        http1.contains("alpn http/1.1") && http1.contains(identity),
+        "{http1}"
+    );
+    let h2 = curl_get("--http2-prior-knowledge");
+    assert!(h2.contains("protocol: HTTP/2"), "{h2}");
+    assert!(h2.contains("alpn h2") && h2.contains(identity), "{h2}");
+
+    // A request body four times the initial window: the gateway must hand the window
+    // back as it reads, or the upload stalls.
+    let dir = TempDir::new("demo-h2-upload");
+    let body = dir.path().join("body");
+    std::fs::write(&body, vec![b'x'; 4 * 65_536]).unwrap();
+    let upload = format!("@{}", body.display());
+    let posted = run_peer(
+        "curl",
+        &curl,
+        &[
+            "-sS",
+            "--max-time",
+            "20",
+            "--http2-prior-knowledge",
+            "--data-binary",
+            &upload,
+            &url,
+        ],
+    );
+    assert!(posted.contains("protocol: HTTP/2"), "{posted}");
+
+    // nghttp, stricter than curl: three requests as three streams on one connection;
+    // then one with a 15-byte stream window (-w 4), so the reply waits for WINDOW_UPDATEs.
+    if let Some(nghttp) = peer("TEST_NGHTTP_BIN", "nghttp") {
+        let urls = [url.clone(), format!("{url}a"), format!("{url}b")];
+        let mut args = vec!["-t", "20"];
+        args.extend(urls.iter().map(String::as_str));
+        let out = run_peer("nghttp", &nghttp, &args);
+        assert_eq!(out.matches("protocol: HTTP/2").count(), 3, "{out}");
+        let out = run_peer("nghttp", &nghttp, &["-t", "20", "-w", "4", &url]);
+        assert!(
+            out.contains("protocol: HTTP/2") && out.contains(identity),
+            "{out}"
+        );
+    }
+    demo.signal("TERM");
+    assert_eq!(demo.wait_exit(TIMEOUT).and_then(|s| s.code()), Some(0));
 }

@@ -10,7 +10,8 @@
 # 2. Exports where they are: TEST_ENVOY_BIN, TEST_CURL_BIN, TEST_NGHTTP_BIN, TEST_PYTHON,
 #    HADOLINT. Never RUNNEL_*: runnel rejects unknown RUNNEL_* variables, and the tests
 #    start it with a cleared environment anyway.
-# 3. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo deny (licenses,
+# 3. cargo fetch (every crate both lock files name, all platforms), then
+#    cargo fmt --check, cargo clippy --all-targets -D warnings, cargo deny (licenses,
 #    bans, sources; offline), the benchmark smoke run, a bounded fuzz run
 #    (tests/fuzz/run.sh), then cargo nextest run (no retries: a flaky test is a
 #    failing test).
@@ -189,6 +190,13 @@ if [[ ${CI:-} == true ]]; then
 fi
 log "disk: $(df -h --output=avail . | tail -n1 | tr -d ' ') free"
 
+# Every crate the lock files name, for every platform (no --target), from the crates
+# registry, before any offline step: cargo deny runs `cargo metadata --offline`, which
+# needs even the Windows-only crates that no Linux build downloads, and a fresh cargo
+# home has none. The fuzz crate keeps its own lock file. --locked: a lock file out of
+# date is a failure here, not a silent update.
+step cargo fetch --locked
+step cargo fetch --locked --manifest-path tests/fuzz/Cargo.toml
 step cargo fmt --all --check
 step cargo clippy --all-targets -- -D warnings
 # Licenses, banned crates and sources, offline (advisories need the network).

@@ -173,3 +173,220 @@ async fn sslkeylogfile_is_written_only_when_set_and_warned_about() {
     let (config, warnings) = runnel::Config::from_vars(vars(&pki, gateway.addr)).unwrap();
     assert!(config.key_log.is_none() && warnings.is_empty());
 }
+
+#[test]
+fn debug_output_of_a_config_from_inline_pem_shows_no_pem() {
+    let pki = pki();
+    let (config, _) =
+        runnel::Config::from_vars(vars(&pki, "127.0.0.1:9".parse().unwrap())).unwrap();
+    let shown = format!("{config:?} {:?}", config.tls_sources);
+    assert!(shown.contains("RUNNEL_TLS_KEY_PEM"), "{shown}");
+    assert!(!shown.contains("-----BEGIN"), "PEM armour in Debug output");
+    for (what, pem) in [
+        ("CA", &pki.ca_cert_pem),
+        ("certificate", &pki.client.cert_pem),
+        ("key", &pki.client.key_pem),
+    ] {
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(
+                !shown.contains(line),
+                "the {what} PEM line {line:?} is in Debug output"
+            );
+        }
+    }
+    // Nor the key itself, in either way Debug prints bytes.
+    let key: rustls::pki_types::PrivateKeyDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(pki.client.key_pem.as_bytes()).unwrap();
+    let der = key.secret_der();
+    let hex: String = der.iter().map(|b| format!("{b:02x}")).collect();
+    let list = format!("{:?}", &der[..24]);
+    assert!(!shown.contains(&hex[..48]) && !shown.contains(list.trim_end_matches(']')));
+}
+
+/// The lines of an NSS key log, checked: `LABEL <client random, 64 hex> <secret, hex>`.
+fn key_log_lines(text: &str) -> Vec<(String, String)> {
+    const LABELS: [&str; 7] = [
+        "CLIENT_HANDSHAKE_TRAFFIC_SECRET",
+        "SERVER_HANDSHAKE_TRAFFIC_SECRET",
+        "CLIENT_TRAFFIC_SECRET_0",
+        "SERVER_TRAFFIC_SECRET_0",
+        "EXPORTER_SECRET",
+        "CLIENT_EARLY_TRAFFIC_SECRET",
+        "CLIENT_RANDOM",
+    ];
+    let hex = |s: &str| s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    assert!(text.ends_with('\n'), "a partial last line: {text:?}");
+    text.lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let [label, random, secret] = fields[..] else {
+                panic!("not three fields: {line:?}");
+            };
+            assert!(LABELS.contains(&label), "unknown label: {line:?}");
+            assert!(
+                random.len() == 64 && hex(random),
+                "bad client random: {line:?}"
+            );
+            assert!(
+                [48, 64, 96].contains(&secret.len()) && hex(secret),
+                "bad secret: {line:?}"
+            );
+            (label.to_owned(), random.to_owned())
+        })
+        .collect()
+}
+
+/// Descriptors of this process open on `path`.
+fn descriptors_on(path: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target == path)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sslkeylogfile_is_private_and_holds_whole_lines_from_concurrent_alpn_configs() {
+    let pki = pki();
+    let tls = pki.gateway_tls(&[b"h2", b"http/1.1"]).unwrap();
+    let gateway = Gateway::start(tls, Behaviour::Echo).await;
+    let dir = TempDir::new("keylog-lines");
+    let keylog = dir.path().join("keys.log");
+    let mut v = vars(&pki, gateway.addr);
+    v.push(("SSLKEYLOGFILE".into(), keylog.display().to_string()));
+    // No pool: every handshake is one of these connections and has finished (all its
+    // secrets logged) by the time the echo returns.
+    v.push(("RUNNEL_POOL_MAX".into(), "0".into()));
+    let runnel = Runnel::start(v).await;
+    // h2c and HTTP/1.1 at once: the h2 and http/1.1 configs handshake side by side.
+    let connections = 24;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..connections {
+        let addr = runnel.addr;
+        tasks.spawn(async move {
+            let bytes: &[u8] = if i % 2 == 0 {
+                b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nkeylog"
+            } else {
+                b"GET /keylog HTTP/1.1\r\n\r\n"
+            };
+            let echoed = support::gateway::exchange(addr, bytes).await.unwrap();
+            assert_eq!(echoed, bytes);
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let mode = std::fs::metadata(&keylog).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "SSLKEYLOGFILE created {mode:o}");
+    assert_eq!(
+        descriptors_on(&keylog),
+        1,
+        "one writer for every TLS config"
+    );
+    let lines = key_log_lines(&std::fs::read_to_string(&keylog).unwrap());
+    let mut randoms: std::collections::HashMap<String, Vec<String>> = Default::default();
+    for (label, random) in lines {
+        randoms.entry(random).or_default().push(label);
+    }
+    assert!(
+        randoms.len() >= connections,
+        "{} handshakes logged",
+        randoms.len()
+    );
+    for (random, labels) in &randoms {
+        for needed in ["CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0"] {
+            assert!(labels.iter().any(|l| l == needed), "{random}: {labels:?}");
+        }
+    }
+    let alpns: std::collections::HashSet<_> =
+        gateway.seen().into_iter().filter_map(|s| s.alpn).collect();
+    assert_eq!(alpns.len(), 2, "both ALPN configs handshook: {alpns:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslkeylogfile_keeps_one_descriptor_across_reloads() {
+    let pki = pki();
+    let dir = TempDir::new("keylog-reload");
+    pki.write_to(dir.path()).unwrap();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let keylog = dir.path().join("keys.log");
+    let mut v = support::gateway::file_vars(dir.path(), gateway.addr);
+    v.push(("SSLKEYLOGFILE".into(), keylog.display().to_string()));
+    v.push(("RUNNEL_TLS_RELOAD_INTERVAL".into(), "50ms".into()));
+    let runnel = Runnel::start(v).await;
+    support::gateway::exchange(runnel.addr, b"before")
+        .await
+        .unwrap();
+    // A new client identity, key first: a reload between the two renames is refused
+    // (key and certificate differ) and the next one applies both.
+    let next = pki.issue_client("runnel-next", None).unwrap();
+    for (file, text) in [
+        ("client-key.pem", &next.key_pem),
+        ("client.pem", &next.cert_pem),
+    ] {
+        let tmp = dir.path().join(format!("{file}.new"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, dir.path().join(file)).unwrap();
+    }
+    runnel
+        .metrics_until("a TLS reload", |m| {
+            m.lines().any(|l| {
+                l.strip_prefix("runnel_tls_reloads_total{result=\"ok\"} ")
+                    .is_some_and(|n| n.trim() != "0")
+            })
+        })
+        .await;
+    support::gateway::exchange(runnel.addr, b"after")
+        .await
+        .unwrap();
+    assert_eq!(
+        descriptors_on(&keylog),
+        1,
+        "a reload opened the key log again"
+    );
+    let lines = key_log_lines(&std::fs::read_to_string(&keylog).unwrap());
+    assert!(lines.len() >= 2, "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_key_log_is_appended_to_if_private_and_refused_if_not() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let dir = TempDir::new("keylog-existing");
+    for (mode, kept) in [(0o600, true), (0o644, false)] {
+        let keylog = dir.path().join(format!("keys-{mode:o}.log"));
+        std::fs::write(&keylog, "# an earlier session\n").unwrap();
+        std::fs::set_permissions(&keylog, std::fs::Permissions::from_mode(mode)).unwrap();
+        let path = keylog.display().to_string();
+        let vars = support::gateway::binary_vars(&pki, gateway.addr, &[("SSLKEYLOGFILE", &path)]);
+        let (mut runnel, listening) = support::gateway::serve_binary(vars).await;
+        support::gateway::exchange(listening.listen, b"x")
+            .await
+            .unwrap();
+        runnel.signal("TERM");
+        runnel.wait_exit(DEADLINE);
+        let text = std::fs::read_to_string(&keylog).unwrap();
+        let refused = runnel
+            .stderr()
+            .iter()
+            .filter(|l| {
+                l.contains("SSLKEYLOGFILE: the file is readable or writable by other users")
+            })
+            .count();
+        assert!(
+            text.starts_with("# an earlier session\n"),
+            "{mode:o}: {text}"
+        );
+        if kept {
+            assert!(text.contains("CLIENT_TRAFFIC_SECRET_0 "), "{text}");
+            assert_eq!(refused, 0);
+        } else {
+            assert_eq!(
+                text, "# an earlier session\n",
+                "secrets went to a {mode:o} file"
+            );
+            assert_eq!(refused, 1, "{:?}", runnel.stderr());
+        }
+    }
+}

@@ -34,7 +34,8 @@ use tokio_util::sync::CancellationToken;
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const RUSTFLAGS: &str =
     r#"-C target-feature=+crt-static --cfg getrandom_backend="linux_getrandom""#;
-/// The builder stage's environment for the build (aws-lc without CPU jitter entropy).
+/// The build environment (aws-lc without CPU jitter entropy): set by `.cargo/config.toml`
+/// for every build, this one and the image's included, never by the Dockerfile itself.
 const BUILD_ENV: (&str, &str) = ("AWS_LC_SYS_NO_JITTER_ENTROPY", "1");
 /// A cold release build takes about 5 minutes on 2 cores; an incremental one seconds.
 const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -154,7 +155,7 @@ fn dockerfile_builds_the_binary_this_test_runs() {
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     for expected in [
         format!("RUSTFLAGS='{RUSTFLAGS}'"),
-        format!("ENV {}={}", BUILD_ENV.0, BUILD_ENV.1),
+        "COPY .cargo/config.toml ./.cargo/".to_owned(),
         format!("cargo build --release --locked --target {TARGET}"),
         format!("target/{TARGET}/release/runnel"),
         "ENTRYPOINT [\"/runnel\"]".to_owned(),
@@ -188,9 +189,35 @@ fn dockerfile_builds_the_binary_this_test_runs() {
 }
 
 #[test]
+fn every_build_reads_the_build_environment_from_the_cargo_config() {
+    // One place: the Dockerfile keeps no copy that could drift from it.
+    let config = std::fs::read_to_string(repo().join(".cargo/config.toml")).unwrap();
+    let line = format!("{} = \"{}\"", BUILD_ENV.0, BUILD_ENV.1);
+    let env_table = config.split("\n[").find(|t| t.starts_with("env]"));
+    assert!(
+        env_table.is_some_and(|t| t.lines().any(|l| l.trim() == line)),
+        ".cargo/config.toml lacks {line:?} under [env]"
+    );
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    assert!(
+        !dockerfile
+            .lines()
+            .any(|l| l.starts_with("ENV ") && l.contains(BUILD_ENV.0)),
+        "the Dockerfile sets {} itself: keep it in .cargo/config.toml only",
+        BUILD_ENV.0
+    );
+    // And cargo hands it to this very build (rustc saw it when compiling this test).
+    assert_eq!(
+        option_env!("AWS_LC_SYS_NO_JITTER_ENTROPY"),
+        Some(BUILD_ENV.1)
+    );
+}
+
+#[test]
 fn dockerfile_copies_all_that_the_release_build_reads() {
-    // The builder copies Cargo.toml, Cargo.lock and src/ only: a build script, a cargo
-    // config or an explicitly declared target elsewhere would break the image build.
+    // The builder copies Cargo.toml, Cargo.lock, .cargo/config.toml and src/ only: a
+    // build script, another cargo config or an explicitly declared target elsewhere
+    // would break the image build.
     let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
     for copied in ["COPY Cargo.toml Cargo.lock ./", "COPY src ./src"] {
         assert!(dockerfile.contains(copied), "Dockerfile lacks {copied:?}");
@@ -478,7 +505,8 @@ fn build_static_binary() -> Option<PathBuf> {
         .current_dir(repo())
         .env("CARGO_TARGET_DIR", &target_dir)
         .env("RUSTFLAGS", RUSTFLAGS)
-        .env(BUILD_ENV.0, BUILD_ENV.1)
+        // The cargo config must supply it, as it does in the image.
+        .env_remove(BUILD_ENV.0)
         // These would override RUSTFLAGS or the target; the outer cargo may set them.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_BUILD_RUSTFLAGS")
