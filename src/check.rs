@@ -24,11 +24,11 @@ pub async fn run(config: &Config) -> Result<String, String> {
         .map_err(|e| format!("{} ({}): {e}", config.upstream, connect_hint(&e)))?;
     // Under TLS 1.3 a gateway that refuses the client certificate says so only after
     // the client's handshake is done: wait as the pool does before a connection counts.
-    crate::pool::admit(&connector, &mut connected)
+    crate::admit::admit(&connector, &mut connected)
         .await
         .map_err(|reason| {
             let hint = match reason {
-                crate::pool::Discard::Rejected => {
+                crate::admit::Refused::Rejected => {
                     ": check that it trusts this client certificate (RUNNEL_TLS_CERT_*)"
                 }
                 _ => "",

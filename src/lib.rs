@@ -18,6 +18,9 @@
 //! - `tunnel`: one downstream connection end to end, one span, one outcome.
 //! - `server`: the accept loop with permits and backoff.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz` on the metrics port.
+//! - `pool`: pre-handshaken upstream connections; `admit` decides when a new one counts.
+//! - `probe`: warms the pools, and probes the gateway when nothing else tried it lately,
+//!   so that `/readyz` always rests on a recent attempt.
 //! - `limits`: the file descriptor limit raised, and the connections that fit under it.
 //! - `metrics`, `logging`, `socket`, `error`: names, output, socket options, types.
 //! - `check`, `demo`: the `runnel check` and `runnel demo` commands.
@@ -26,6 +29,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod admit;
 pub mod check;
 pub mod config;
 pub mod connect;
@@ -38,6 +42,7 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod probe;
 pub mod readahead;
 pub mod reload;
 pub mod server;
@@ -55,117 +60,6 @@ use crate::{admin::Health, connect::Connector, pool::Pools, tunnel::Shared};
 
 /// After the drain deadline resets what is left, how long those tasks get to finish.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
-/// The least time start-up waits for the pools to warm before logging "ready".
-const WARM_UP_MIN: Duration = Duration::from_secs(1);
-/// A probe connection is made when no connection was attempted for this long, so
-/// readiness always rests on an attempt at most this old (plus one connect timeout).
-const PROBE_EVERY: Duration = Duration::from_secs(5);
-/// While the latest attempt failed, probes retry this often at most: a gateway that
-/// comes back is seen within this, plus one handshake.
-const PROBE_RETRY_MAX: Duration = Duration::from_secs(2);
-/// `/readyz` needs the gateway to have accepted a connection within this (probes keep
-/// it fresh), and no run of failures since.
-pub const READY_WINDOW: Duration = Duration::from_secs(20);
-
-/// Warms the pools and logs "ready"; bounded: an unreachable gateway delays readiness,
-/// never serving. Then probes the gateway whenever nothing else tried it lately.
-async fn warm_up(
-    config: Arc<Config>,
-    pools: Arc<Pools>,
-    connector: Arc<Connector>,
-    stop: CancellationToken,
-) {
-    let started = tokio::time::Instant::now();
-    if pools.enabled() {
-        let warm = pools
-            .warm(started + config.connect_timeout.max(WARM_UP_MIN))
-            .await;
-        tracing::info!(
-            pool.idle = pools.idle(),
-            warm,
-            took_ms = started.elapsed().as_millis() as u64,
-            "ready"
-        );
-    }
-    probe(&config, connector, !pools.enabled(), stop).await
-}
-
-/// `/readyz` judges the gateway by the latest attempts (pool refills, traffic, these
-/// probes). An idle instance makes none on its own (a full pool and no traffic), so when
-/// no connection was attempted for `PROBE_EVERY`, one probe connection (handshake,
-/// admission, close_notify) is; while attempts fail, probes retry with backoff up to
-/// `PROBE_RETRY_MAX`, so recovery shows within seconds. Failures are logged once.
-async fn probe(
-    config: &Config,
-    connector: Arc<Connector>,
-    log_ready: bool,
-    stop: CancellationToken,
-) {
-    let offer = connect::Offer::plain(&config.alpn);
-    let started = tokio::time::Instant::now();
-    let (mut ready_logged, mut failing) = (!log_ready, false);
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let wait = if connector.attempted_within(PROBE_EVERY) && !connector.failing() {
-            PROBE_EVERY / 5
-        } else {
-            let probed = tokio::select! {
-                r = probe_once(&connector, offer) => r,
-                _ = stop.cancelled() => return,
-            };
-            match probed {
-                Ok(()) => {
-                    connector.mark_accepted();
-                    backoff = Duration::from_millis(100);
-                    if !ready_logged {
-                        ready_logged = true;
-                        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "ready");
-                    } else if failing {
-                        tracing::info!("probe: the gateway answers again");
-                    }
-                    failing = false;
-                    PROBE_EVERY / 5
-                }
-                Err(reason) => {
-                    if !failing {
-                        failing = true;
-                        tracing::warn!(
-                            reason,
-                            "probe: the gateway is not reachable; retrying with backoff (logged once until it recovers)"
-                        );
-                    }
-                    backoff = (backoff * 2).min(PROBE_RETRY_MAX);
-                    backoff
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stop.cancelled() => return,
-        }
-    }
-}
-
-/// One probe connection: connected, admitted, closed with close_notify.
-async fn probe_once(connector: &Connector, offer: connect::Offer) -> Result<(), String> {
-    let mut c = connector.connect(offer).await.map_err(|e| {
-        metrics::upstream_error(e.kind());
-        e.to_string()
-    })?;
-    if let Err(reason) = pool::admit(connector, &mut c).await {
-        return Err(format!(
-            "the gateway ended the connection right after the handshake ({})",
-            reason.label()
-        ));
-    }
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::io::AsyncWriteExt::shutdown(&mut c.stream),
-    )
-    .await;
-    Ok(())
-}
-
 /// The listeners runnel serves, bound by the caller (tests bind `127.0.0.1:0`).
 pub struct Listeners {
     pub tunnel: TcpListener,
@@ -215,7 +109,7 @@ pub async fn run(
         connector.clone(),
         stop.clone(),
     ));
-    tracker.spawn(warm_up(
+    tracker.spawn(probe::warm_up(
         config.clone(),
         pools.clone(),
         connector.clone(),

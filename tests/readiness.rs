@@ -62,7 +62,7 @@ async fn with_a_pool_and_no_minimum_an_idle_instance_becomes_ready_and_stays_rea
     let runnel = Runnel::start(v).await;
     until_ready(&runnel, true, DEADLINE).await;
     // Longer than any window a past success could carry readiness through.
-    let watch_until = Instant::now() + runnel::READY_WINDOW + Duration::from_secs(5);
+    let watch_until = Instant::now() + runnel::probe::READY_WINDOW + Duration::from_secs(5);
     while Instant::now() < watch_until {
         assert!(
             runnel.ready().await,

@@ -1,17 +1,26 @@
 //! Pools of pre-handshaken upstream connections, one per ALPN offer.
 //!
-//! Every idle pooled connection has an owner task (`watch`) that keeps a read pending,
-//! so TLS 1.3 session tickets are stored as they arrive and a close, an alert, an
-//! HTTP/2 GOAWAY or unexpected data retires the connection at once (and its slot is
-//! refilled at once, not at the next checkout). Checkout asks an owner to hand its
-//! stream over; an owner that has retired cannot answer. A filler task per pool keeps
-//! `idle + connecting` at a target that follows the rate of new connections, between
-//! `RUNNEL_POOL_MIN` and `RUNNEL_POOL_MAX`.
+//! Every idle pooled connection has an owner task (`idle::watch`) that keeps a read
+//! pending, so TLS 1.3 session tickets are stored as they arrive and a close, an
+//! alert, an HTTP/2 GOAWAY or unexpected data retires the connection at once (and its
+//! slot is refilled at once, not at the next checkout). Checkout asks an owner to hand
+//! its stream over; an owner that has retired cannot answer. A filler task per pool
+//! keeps `idle + connecting` at a target that follows the rate of new connections,
+//! between `RUNNEL_POOL_MIN` and `RUNNEL_POOL_MAX`.
+//!
+//! Why an owner per connection rather than a check at checkout and a periodic sweep,
+//! each shown by a test that fails without it (tests/pool.rs, tests/pool_faults.rs):
+//! refills resume because tickets are read as they arrive
+//! (`second_and_later_pooled_connections_resume`); a connection the gateway closes is
+//! replaced before anyone asks for it
+//! (`pooled_connection_closed_by_the_gateway_is_never_handed_out_and_is_replaced`); a
+//! GOAWAY retires it (`an_h2_connection_the_gateway_sent_goaway_on_...`). The check at
+//! checkout is there too, for what no task could see while the process was frozen
+//! (tests/frozen_instance.rs).
 //!
 //! Invariants:
-//! - a connection enters the pool only after the gateway has shown that it accepted
-//!   the client certificate (TLS 1.2: its Finished; TLS 1.3: a session ticket, or a
-//!   quiet probation period with no alert);
+//! - a connection enters the pool only once `admit` has seen the gateway accept its
+//!   client certificate;
 //! - a connection is handed out only after a fresh look at its socket (a syscall, not
 //!   the runtime's cached readiness, which is stale after the process was frozen)
 //!   finds it open both ways, and while it is younger than `RUNNEL_POOL_MAX_IDLE`;
@@ -19,30 +28,28 @@
 //!   out; it retires within `RELOAD_SPREAD`.
 
 use std::{
-    future::poll_fn,
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
-    task::Poll,
     time::Duration,
 };
 
-use rustls::ProtocolVersion;
 use tokio::{
-    io::{AsyncRead, AsyncWriteExt, ReadBuf},
     sync::{Notify, oneshot},
     time::Instant,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admit,
     config::{AlpnPolicy, Config},
     connect::{Connected, Connector, Offer},
     error::ConnectError,
-    metrics, socket,
+    metrics,
 };
+
+mod idle;
 
 /// Handshakes one pool may run at once: bounds the burst on the gateway and paces
 /// ticket use (rustls keeps a few TLS 1.3 tickets per server; each resumption takes one,
@@ -56,19 +63,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const EARLY_END: Duration = Duration::from_secs(1);
 /// How often a pool re-estimates its target size.
 const ADAPT_EVERY: Duration = Duration::from_secs(1);
-/// Under TLS 1.3 without a session ticket, how long (in handshake times) a new
-/// connection must stay quiet before it is trusted; a rejected certificate draws an
-/// alert about one round trip after our Finished.
-const PROBATION_HANDSHAKES: u32 = 3;
-const PROBATION_MIN: Duration = Duration::from_millis(20);
-const PROBATION_MAX: Duration = Duration::from_secs(2);
-/// The least a resumed connection waits for new tickets before it is admitted anyway.
-const RESUMED_WAIT_MIN: Duration = Duration::from_millis(1);
-/// Pooled connections retire at a random point between this share of
-/// `RUNNEL_POOL_MAX_IDLE` and all of it, so connections made together (at start, after
-/// a reload) are not all replaced at once, and none outlives the setting.
-const MAX_IDLE_SPREAD: f64 = 0.2;
-
 /// Why a pooled connection was discarded (metric label).
 #[derive(Debug, Clone, Copy)]
 pub enum Discard {
@@ -400,7 +394,7 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
             return failed(&e.to_string(), e.kind());
         }
     };
-    if let Err(reason) = admit(&pools.connector, &mut connected).await {
+    if let Err(reason) = admit::admit(&pools.connector, &mut connected).await {
         metrics::pool_discard(reason.label());
         return failed(reason.describe(), reason.label());
     }
@@ -431,297 +425,6 @@ async fn dial(pools: &Arc<Pools>, pool: &Arc<Pool>, tracker: &TaskTracker) -> bo
     drop(idle);
     pools.warmed.notify_waiters();
     let (pools, pool) = (pools.clone(), pool.clone());
-    tracker.spawn(async move { watch(pools, pool, connected, taken).await });
+    tracker.spawn(async move { idle::watch(pools, pool, connected, taken).await });
     true
-}
-
-/// Waits until the gateway has shown it accepted our certificate, storing the session
-/// tickets that arrive meanwhile, and tells `connector` how the attempt went
-/// (readiness). A refusal is counted by its cause: only a certificate alert is a
-/// `certificate_rejected` upstream error; a reset or a close right after the handshake
-/// is `closed_after_handshake` (an overloaded or draining gateway, not our identity).
-pub async fn admit(connector: &Connector, connected: &mut Connected) -> Result<(), Discard> {
-    match wait_for_acceptance(connected).await {
-        Ok(()) => {
-            connector.mark_accepted();
-            Ok(())
-        }
-        Err((reason, kind)) => {
-            connector.mark_failed();
-            metrics::upstream_error(kind);
-            Err(reason)
-        }
-    }
-}
-
-impl Discard {
-    /// What an operator reads when a new connection is refused this way.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Discard::Rejected => "the gateway rejected the client certificate",
-            Discard::UnexpectedData => "the gateway sent data nobody asked for",
-            Discard::GoAway => "the gateway sent HTTP/2 GOAWAY",
-            Discard::Error => "the gateway ended the connection with an error",
-            _ => "the gateway closed the connection right after the handshake",
-        }
-    }
-}
-
-/// A refused admission: why, and the `runnel_upstream_errors_total` kind.
-type Refusal = (Discard, &'static str);
-
-async fn wait_for_acceptance(connected: &mut Connected) -> Result<(), Refusal> {
-    let tls13 = connected.stream.get_ref().1.protocol_version() == Some(ProtocolVersion::TLSv1_3);
-    if !tls13 {
-        // TLS 1.2: the gateway's Finished came after it verified our certificate.
-        return Ok(());
-    }
-    // A resumed session sends no certificate: the gateway accepted ours when it issued
-    // the ticket (one that no longer would refuses the ticket: a full handshake). So a
-    // resumed connection waits only briefly, for the new tickets that keep refills
-    // resuming; not every gateway sends them on resumption (Envoy does not), and the
-    // full probation would keep the pool empty under load at low round-trip times.
-    let probation = match connected.info.resumed {
-        true => connected
-            .info
-            .handshake_time
-            .clamp(RESUMED_WAIT_MIN, PROBATION_MAX),
-        false => (connected.info.handshake_time * PROBATION_HANDSHAKES)
-            .clamp(PROBATION_MIN, PROBATION_MAX),
-    };
-    let deadline = tokio::time::sleep(probation);
-    tokio::pin!(deadline);
-    let mut byte = [0u8; 1];
-    let speaks_first = may_speak_first(connected);
-    poll_fn(|cx| {
-        let mut buf = ReadBuf::new(&mut byte);
-        match Pin::new(&mut connected.stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                return Poll::Ready(Err((Discard::Closed, CLOSED_AFTER_HANDSHAKE)));
-            }
-            // An HTTP/2 server's preface: kept for the downstream, and proof enough
-            // that the gateway accepted us.
-            Poll::Ready(Ok(())) if speaks_first => {
-                connected.early.extend_from_slice(buf.filled());
-                return Poll::Ready(Ok(()));
-            }
-            Poll::Ready(Ok(())) => {
-                return Poll::Ready(Err((Discard::UnexpectedData, CLOSED_AFTER_HANDSHAKE)));
-            }
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(refusal(&e))),
-            Poll::Pending => {}
-        }
-        if connected.stream.get_ref().1.tls13_tickets_received() > 0 {
-            return Poll::Ready(Ok(()));
-        }
-        deadline.as_mut().poll(cx).map(Ok)
-    })
-    .await
-}
-
-/// The upstream error kind of a gateway that ends a connection at once, without an
-/// alert: overloaded, draining, or an idle limit shorter than the probation.
-const CLOSED_AFTER_HANDSHAKE: &str = "closed_after_handshake";
-
-/// Classifies a read error on a freshly made connection.
-fn refusal(e: &std::io::Error) -> Refusal {
-    match e.kind() {
-        std::io::ErrorKind::InvalidData => match crate::error::tls_error_kind(e) {
-            "certificate_rejected" => (Discard::Rejected, "certificate_rejected"),
-            kind => (Discard::Error, kind),
-        },
-        // rustls: a TCP EOF without close_notify.
-        std::io::ErrorKind::UnexpectedEof => (Discard::Closed, CLOSED_AFTER_HANDSHAKE),
-        _ => (Discard::Error, CLOSED_AFTER_HANDSHAKE),
-    }
-}
-
-/// An HTTP/2 server may send its SETTINGS before the client says anything; any
-/// other protocol sending first on an idle connection is unexpected.
-fn may_speak_first(connected: &Connected) -> bool {
-    connected.info.alpn.as_deref() == Some("h2")
-}
-
-/// How much a server may send before anything was asked (HTTP/2's SETTINGS frame is
-/// tens of bytes).
-const EARLY_LIMIT: usize = 16 * 1024;
-
-/// Whether the HTTP/2 frames a server sent on an idle connection include GOAWAY
-/// (type 0x7): the gateway is draining it and will refuse new streams. Only frame
-/// headers are read (9 bytes: length, type, flags, stream), never their payloads.
-fn has_goaway(frames: &[u8]) -> bool {
-    const GOAWAY: u8 = 0x7;
-    let mut at = 0;
-    while let Some(header) = frames.get(at..at + 9) {
-        if header[3] == GOAWAY {
-            return true;
-        }
-        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
-        at += 9 + len;
-    }
-    false
-}
-
-enum Event {
-    Take(Result<oneshot::Sender<Connected>, oneshot::error::RecvError>),
-    Read(std::io::Result<usize>),
-    GoAway,
-    Stale,
-    MaxIdle,
-    Drain,
-    Reloaded,
-}
-
-/// After a TLS reload, idle connections made with the old identity are replaced
-/// gradually: each retires at a random point within this spread.
-const RELOAD_SPREAD: Duration = Duration::from_secs(5);
-
-/// Completes once a reload made this connection's identity old, plus its jitter.
-async fn outdated(mut reloads: tokio::sync::watch::Receiver<u64>, made_with: u64, jitter: f64) {
-    while *reloads.borrow_and_update() <= made_with {
-        if reloads.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-    }
-    tokio::time::sleep(RELOAD_SPREAD.mul_f64(jitter)).await;
-}
-
-/// A uniform random number in [0, 1), different for every call (std's per-instance
-/// random hash keys, so no extra crate for the one thing that needs randomness).
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// A pooled connection's age at retirement: random within the last `MAX_IDLE_SPREAD`
-/// of `max_idle`, never past it.
-fn retire_after(max_idle: Duration) -> Duration {
-    max_idle.mul_f64(1.0 - MAX_IDLE_SPREAD * random_unit())
-}
-
-/// Owns one idle pooled connection until it is taken or retired.
-async fn watch(
-    pools: Arc<Pools>,
-    pool: Arc<Pool>,
-    mut connected: Connected,
-    mut taken: oneshot::Receiver<oneshot::Sender<Connected>>,
-) {
-    let admitted = Instant::now();
-    let retire_at = admitted + retire_after(pools.max_idle);
-    let mut chunk = [0u8; 512];
-    let speaks_first = may_speak_first(&connected);
-    let mut event = loop {
-        // Biased, the read first: a close, an alert or data that arrived together with
-        // a checkout retires the connection instead of being handed out with it.
-        let event = tokio::select! {
-            biased;
-            r = tokio::io::AsyncReadExt::read(&mut connected.stream, &mut chunk) => Event::Read(r),
-            t = &mut taken => Event::Take(t),
-            _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
-            _ = pools.stop.cancelled() => Event::Drain,
-            _ = outdated(pools.connector.reloads(), connected.info.generation, random_unit()) => Event::Reloaded,
-        };
-        match event {
-            Event::Read(Ok(n))
-                if n > 0 && speaks_first && connected.early.len() + n <= EARLY_LIMIT =>
-            {
-                connected.early.extend_from_slice(&chunk[..n]);
-                if has_goaway(&connected.early) {
-                    break Event::GoAway;
-                }
-            }
-            other => break other,
-        }
-    };
-    // The runtime's readiness may be stale (the process was frozen while the gateway
-    // closed it), and timers late: look at the socket itself before handing it out.
-    // Replacing the event drops the checkout's reply: it moves on to the next owner.
-    if let Event::Take(Ok(_)) = &event {
-        if admitted.elapsed() >= pools.max_idle {
-            event = Event::MaxIdle;
-        } else if connected.info.generation < pools.connector.generation() {
-            event = Event::Reloaded;
-        } else if !socket::open(connected.stream.get_ref().0.tcp()) {
-            event = Event::Stale;
-        }
-    }
-    if matches!(event, Event::Read(_) | Event::GoAway) && admitted.elapsed() < EARLY_END {
-        pool.failures.fetch_add(1, Ordering::Relaxed);
-    }
-    pool.idle_count.fetch_sub(1, Ordering::Relaxed);
-    pool.wake.notify_one();
-    let reason = match event {
-        Event::Take(Ok(reply)) => {
-            connected.info.pooled = true;
-            match reply.send(connected) {
-                Ok(()) => return,
-                // The checkout gave up (its downstream went away): close this one.
-                Err(c) => {
-                    connected = c;
-                    Discard::Abandoned
-                }
-            }
-        }
-        Event::Take(Err(_)) | Event::Drain => Discard::Drain,
-        Event::MaxIdle => Discard::MaxIdle,
-        Event::Reloaded => Discard::Reloaded,
-        Event::GoAway => Discard::GoAway,
-        Event::Stale => Discard::Stale,
-        Event::Read(Ok(0)) => Discard::Closed,
-        Event::Read(Ok(_)) => Discard::UnexpectedData,
-        Event::Read(Err(_)) => Discard::Error,
-    };
-    // The checkout slot goes before the close: a checkout that pops this owner now is
-    // told at once that it has retired, rather than waiting out the close below.
-    drop(taken);
-    metrics::pool_discard(reason.label());
-    if matches!(
-        reason,
-        Discard::MaxIdle
-            | Discard::Drain
-            | Discard::Abandoned
-            | Discard::Reloaded
-            | Discard::GoAway
-    ) {
-        // A clean goodbye: close_notify, then FIN.
-        let _ = tokio::time::timeout(Duration::from_secs(1), connected.stream.shutdown()).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retirement_ages_are_spread_over_the_last_fifth_and_never_past_max_idle() {
-        let max_idle = Duration::from_secs(120);
-        let ages: Vec<Duration> = (0..1000).map(|_| retire_after(max_idle)).collect();
-        assert!(
-            ages.iter()
-                .all(|a| *a <= max_idle && *a >= max_idle.mul_f64(0.8))
-        );
-        let (min, max) = (ages.iter().min().unwrap(), ages.iter().max().unwrap());
-        assert!(
-            *max - *min > Duration::from_secs(20),
-            "spread {min:?}..{max:?}"
-        );
-    }
-
-    #[test]
-    fn goaway_is_found_among_server_frames_and_not_in_payloads() {
-        let settings = [0, 0, 6, 4, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 100];
-        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 7, 7, 7, 7, 7, 7, 7, 7];
-        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert!(!has_goaway(&settings));
-        assert!(!has_goaway(&[&settings[..], &ping[..]].concat()));
-        assert!(has_goaway(&[&settings[..], &goaway[..]].concat()));
-        // A 7 in a payload is not a frame type.
-        let tricky = [0, 0, 4, 8, 0, 0, 0, 0, 0, 0, 0, 0, 7];
-        assert!(!has_goaway(&tricky));
-        // A header cut short is not read past.
-        assert!(!has_goaway(&goaway[..5]));
-    }
 }
