@@ -46,7 +46,7 @@ impl Health {
         self.listening.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
             && self.connector.gateway_ok(crate::probe::READY_WINDOW)
-            && self.connector.cert_not_after() - crate::tls::unix_now()
+            && self.connector.cert_not_after() - crate::material::unix_now()
                 > self.cert_min_validity.as_secs() as i64
     }
 }

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use crate::{
     config::Config,
     connect::{Connector, Offer},
-    tls::rfc3339,
+    material::rfc3339,
 };
 
 /// Connects once; `Ok` holds the report to print, `Err` the reason it failed.

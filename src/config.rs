@@ -4,6 +4,10 @@
 //! `runnel --help` and the README test. Parsing turns strings into types once, so a
 //! `Config` cannot hold an invalid value. Invariant: nothing else in the crate calls
 //! `std::env`.
+//!
+//! Configuration is the bottom of the crate's layers: it parses and checks, and
+//! imports only `error` and `material` (TLS material is loaded at parse time, so a
+//! bad key stops start-up), never the runtime modules built from a `Config`.
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +18,10 @@ use std::{
 
 use rustls::pki_types::ServerName;
 
-use crate::{error::ConfigError, tls};
+use crate::{
+    error::ConfigError,
+    material::{Material, Source, Sources},
+};
 
 /// One environment variable runnel reads.
 pub struct Var {
@@ -168,9 +175,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub upstream: Upstream,
     pub server_name: ServerName<'static>,
-    pub tls: tls::Material,
+    pub tls: Material,
     /// Where the material came from, for reloads.
-    pub tls_sources: tls::Sources,
+    pub tls_sources: Sources,
     /// `None` when reloading is off.
     pub tls_reload_interval: Option<Duration>,
     pub cert_min_validity: Duration,
@@ -294,7 +301,7 @@ impl Config {
             None => default_server_name(&upstream)?,
         };
         let tls_sources = env.tls_sources()?;
-        let tls = tls::Material::load(&tls_sources, &mut warnings)?;
+        let tls = Material::load(&tls_sources, &mut warnings)?;
         let reload = env.parse_or(
             "RUNNEL_TLS_RELOAD_INTERVAL",
             Duration::from_secs(30),
@@ -714,21 +721,21 @@ impl Env {
     }
 
     /// Exactly one of `<stem>_FILE` and `<stem>_PEM` for each of CA, certificate and key.
-    fn tls_sources(&self) -> Result<tls::Sources, ConfigError> {
-        Ok(tls::Sources {
+    fn tls_sources(&self) -> Result<Sources, ConfigError> {
+        Ok(Sources {
             ca: self.one_of("RUNNEL_TLS_CA_FILE", "RUNNEL_TLS_CA_PEM")?,
             cert: self.one_of("RUNNEL_TLS_CERT_FILE", "RUNNEL_TLS_CERT_PEM")?,
             key: self.one_of("RUNNEL_TLS_KEY_FILE", "RUNNEL_TLS_KEY_PEM")?,
         })
     }
 
-    fn one_of(&self, file: &'static str, pem: &'static str) -> Result<tls::Source, ConfigError> {
+    fn one_of(&self, file: &'static str, pem: &'static str) -> Result<Source, ConfigError> {
         match (self.get(file)?, self.get(pem)?) {
-            (Some(path), None) => Ok(tls::Source::File {
+            (Some(path), None) => Ok(Source::File {
                 var: file,
                 path: path.into(),
             }),
-            (None, Some(text)) => Ok(tls::Source::Pem {
+            (None, Some(text)) => Ok(Source::Pem {
                 var: pem,
                 text: text.to_owned(),
             }),
@@ -773,26 +780,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-/// Inline PEM (`RUNNEL_TLS_*_PEM`) is a secret for the key and never worth printing for
-/// the others: `Debug` of a source, and so of `Config` and all that holds it, shows the
-/// variable and the size only. Files show their path.
-impl std::fmt::Debug for tls::Source {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            tls::Source::File { var, path } => f
-                .debug_struct("File")
-                .field("var", var)
-                .field("path", path)
-                .finish(),
-            tls::Source::Pem { var, text } => f
-                .debug_struct("Pem")
-                .field("var", var)
-                .field("text", &format_args!("<{} bytes redacted>", text.len()))
-                .finish(),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -282,7 +282,7 @@ impl Connector {
     pub fn reload(
         &self,
         config: &Config,
-        material: &crate::tls::Material,
+        material: &crate::material::Material,
     ) -> Result<(), rustls::Error> {
         let configs = Arc::new(ClientConfigs::new(config, material)?);
         let generation = {

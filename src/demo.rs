@@ -26,7 +26,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::tls;
+use crate::material;
 
 /// The name in the demo gateway certificate (also 127.0.0.1, ::1 and localhost).
 pub const GATEWAY_NAME: &str = "gateway.runnel.test";
@@ -141,7 +141,7 @@ pub fn gateway_tls(
     leaf: &Leaf,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let provider = Arc::new(tls::provider());
+    let provider = Arc::new(material::provider());
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.map_err(|e| rustls::Error::General(e.to_string()))?)?;

@@ -10,7 +10,8 @@
 //!
 //! Modules:
 //! - `config`: the only reader of the environment; `Config` holds parsed, checked values.
-//! - `tls`: CA, client identity and one `ClientConfig` per ALPN offer, built once.
+//! - `material`: CA, client certificate and key, read and checked; the crypto provider.
+//! - `tls`: one `ClientConfig` per ALPN offer, built once; the SSLKEYLOGFILE writer.
 //! - `connect`: TCP connect and TLS handshake under one deadline; `dns` resolves.
 //! - `detect`: the first downstream bytes and the ALPN offer they imply.
 //! - `readahead`: the upstream socket under rustls, reading in large gulps when busy.
@@ -24,6 +25,21 @@
 //! - `limits`: the file descriptor limit raised, and the connections that fit under it.
 //! - `metrics`, `logging`, `socket`, `error`: names, output, socket options, types.
 //! - `check`, `demo`: the `runnel check` and `runnel demo` commands.
+//!
+//! Layers, bottom to top; a module uses only modules in layers below its own:
+//!
+//! ```text
+//! error, socket, readahead       types and socket plumbing; no crate imports
+//! material                       TLS material and time helpers; uses error
+//! config, metrics                parsed configuration; metric names and recorder
+//! dns, limits, logging, tls      runtime pieces built from a Config
+//! connect                        upstream connections
+//! admin, copy, detect, pool, reload
+//! check, tunnel                  `runnel check`; one connection end to end
+//! server                         the accept loop
+//! run (this file)                wiring; `admin` still reads READY_WINDOW from here
+//! demo                           `runnel demo` (drives `run`)
+//! ```
 //!
 //! [`run`] is the entry point: tests drive it on listeners they bound themselves.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -40,6 +56,7 @@ pub mod dns;
 pub mod error;
 pub mod limits;
 pub mod logging;
+pub mod material;
 pub mod metrics;
 pub mod pool;
 pub mod probe;

@@ -29,7 +29,7 @@ use tracing_subscriber::{
 
 use crate::{
     config::{self, LogFormat},
-    metrics, tls,
+    material, metrics,
 };
 
 /// The tracing target of access-log lines (`RUNNEL_ACCESS_LOG=on` enables it).
@@ -223,7 +223,7 @@ fn now_rfc3339() -> String {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
-    let secs = tls::rfc3339(i64::try_from(now.as_secs()).unwrap_or(0));
+    let secs = material::rfc3339(i64::try_from(now.as_secs()).unwrap_or(0));
     format!("{}.{:03}Z", secs.trim_end_matches('Z'), now.subsec_millis())
 }
 

@@ -354,10 +354,10 @@ pub fn handshake(kind: &'static str, ok: bool) {
 }
 
 /// Exports the validity of newly loaded TLS material (at start and on each reload).
-pub fn tls_loaded(material: &crate::tls::Material, reload: bool) {
+pub fn tls_loaded(material: &crate::material::Material, reload: bool) {
     metrics::gauge!(CLIENT_CERT_NOT_AFTER).set(material.cert_not_after as f64);
     metrics::gauge!(CA_NOT_AFTER).set(material.ca_not_after as f64);
-    metrics::gauge!(TLS_LAST_RELOAD).set(crate::tls::unix_now() as f64);
+    metrics::gauge!(TLS_LAST_RELOAD).set(crate::material::unix_now() as f64);
     metrics::counter!(TLS_RELOADS, "result" => "ok").increment(u64::from(reload));
     metrics::counter!(TLS_RELOADS, "result" => "error").increment(0);
 }

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Config,
     connect::Connector,
+    material::{self, Material, Source, Sources},
     metrics,
-    tls::{self, Material, Source, Sources},
 };
 
 /// Polls the TLS files and swaps the configuration when they change, until `stop`.
@@ -98,7 +98,7 @@ impl State {
         self.refused = None;
         metrics::tls_loaded(&material, true);
         tracing::info!(
-            cert.not_after = tls::rfc3339(material.cert_not_after),
+            cert.not_after = material::rfc3339(material.cert_not_after),
             forced,
             "TLS material reloaded; new connections use it"
         );
@@ -119,10 +119,10 @@ impl State {
 /// Reads every source once; returns the content hash and the sources as read, so the
 /// set checked is exactly the set hashed.
 fn read_all(sources: &Sources) -> Result<(u64, Sources), crate::error::ConfigError> {
-    let (ca_var, ca) = tls::read(&sources.ca)?;
-    let (cert_var, cert) = tls::read(&sources.cert)?;
-    let (key_var, key) = tls::read(&sources.key)?;
-    let hash = tls::content_hash([&ca, &cert, &key]);
+    let (ca_var, ca) = material::read(&sources.ca)?;
+    let (cert_var, cert) = material::read(&sources.cert)?;
+    let (key_var, key) = material::read(&sources.key)?;
+    let hash = material::content_hash([&ca, &cert, &key]);
     let sources = Sources {
         ca: Source::Pem {
             var: ca_var,

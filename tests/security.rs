@@ -28,7 +28,7 @@ fn no_variable_can_turn_certificate_verification_off() {
 async fn min_version_1_3_refuses_a_tls_1_2_only_gateway() {
     let pki = pki();
     let mut v = vars(&pki, "127.0.0.1:1".parse().unwrap());
-    let provider = std::sync::Arc::new(runnel::tls::provider());
+    let provider = std::sync::Arc::new(runnel::material::provider());
     let leaf = &pki.gateway;
     let chain = vec![rustls::pki_types::CertificateDer::from(
         rustls::pki_types::pem::PemObject::from_pem_slice(leaf.cert_pem.as_bytes())

@@ -5,7 +5,7 @@
 #   FUZZ_SECONDS=600 bash tests/fuzz/run.sh config
 #
 # Targets (tests/fuzz/fuzz_targets/): config (Config::from_vars over arbitrary
-# variables), tls_material (tls::Material::load over arbitrary PEM and DER), detect
+# variables), tls_material (material::Material::load over arbitrary PEM and DER), detect
 # (the h2c preface check against a model).
 #
 # Builds with `--sanitizer none`: AddressSanitizer needs a nightly flag, and runnel

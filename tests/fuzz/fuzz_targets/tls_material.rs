@@ -1,5 +1,5 @@
 //! TLS material: CA, client chain and key from arbitrary PEM text, through
-//! `tls::Material::load` (what the `_PEM` variables and reloads use).
+//! `material::Material::load` (what the `_PEM` variables and reloads use).
 //!
 //! It must load or return a `ConfigError`, never panic. Each of the three texts is the
 //! fixed valid PEM or not, then parts: raw text, arbitrary DER in a PEM envelope, or the
@@ -11,7 +11,7 @@ use libfuzzer_sys::{
     arbitrary::{self, Arbitrary},
     fuzz_target,
 };
-use runnel::tls::{Material, Source, Sources};
+use runnel::material::{Material, Source, Sources};
 use runnel_fuzz::{PKI, pem};
 
 #[derive(Debug, Arbitrary)]

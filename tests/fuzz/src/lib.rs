@@ -58,16 +58,16 @@ impl Pki {
             pem("CERTIFICATE", &self.cert_der),
             self.cert_pem.replace("\r\n", "\n")
         );
-        let pem = |var, text: &str| runnel::tls::Source::Pem {
+        let pem = |var, text: &str| runnel::material::Source::Pem {
             var,
             text: text.to_owned(),
         };
-        let sources = runnel::tls::Sources {
+        let sources = runnel::material::Sources {
             ca: pem("RUNNEL_TLS_CA_PEM", &self.ca_pem),
             cert: pem("RUNNEL_TLS_CERT_PEM", &self.cert_pem),
             key: pem("RUNNEL_TLS_KEY_PEM", &self.key_pem),
         };
-        if let Err(e) = runnel::tls::Material::load(&sources, &mut Vec::new()) {
+        if let Err(e) = runnel::material::Material::load(&sources, &mut Vec::new()) {
             panic!("runnel rejects the fixed PKI: {e}");
         }
     }
