@@ -33,11 +33,12 @@
 //! material                       TLS material and time helpers; uses error
 //! config, metrics                parsed configuration; metric names and recorder
 //! dns, limits, logging, tls      runtime pieces built from a Config
-//! connect                        upstream connections
-//! admin, copy, detect, pool, reload
-//! check, tunnel                  `runnel check`; one connection end to end
-//! server                         the accept loop
-//! run (this file)                wiring; `admin` still reads READY_WINDOW from here
+//! connect                        upstream connections; their readiness record
+//! admit, copy, detect, reload    admission, the copy, first bytes, reloads
+//! check, pool                    `runnel check`; the pools of ready connections
+//! probe, tunnel                  readiness probe; one connection end to end
+//! admin, server                  the admin port (READY_WINDOW from probe); accept loop
+//! run (this file)                wiring
 //! demo                           `runnel demo` (drives `run`)
 //! ```
 //!
