@@ -41,7 +41,7 @@ use runnel::{
 };
 use serde_json::Value;
 use support::{
-    envoy::{Backend, wait_ready},
+    envoy::Backend,
     process::{Listening, Process, Runnel, TempDir, clean_env, http_get, peer},
 };
 
@@ -436,17 +436,12 @@ impl Replica {
         let config_path = dir.path().join(format!("replica-{index}.json"));
         std::fs::write(&config_path, config.to_string()).expect("write the replica config");
         let admin_path = dir.path().join(format!("replica-{index}-admin"));
-        let mut command = Command::new(envoy);
-        command
-            .arg("--config-path")
-            .arg(&config_path)
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            .arg("--disable-hot-restart")
-            .args(["--concurrency", "1", "--log-level", "warn"]);
-        clean_env(&mut command, &[] as &[(&str, &str)]);
-        let mut envoy = Process::spawn(&format!("envoy replica {index}"), command);
-        let (admin, addr) = wait_ready(&mut envoy, &admin_path);
+        let (envoy, admin, addr) = support::envoy::spawn(
+            envoy,
+            &format!("envoy replica {index}"),
+            &config_path,
+            &admin_path,
+        );
         Replica {
             addr,
             admin,

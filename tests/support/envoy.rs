@@ -74,18 +74,7 @@ impl Gateway {
         std::fs::write(&config_path, config).expect("write the Envoy config");
         let admin_path = dir.path().join("admin-address");
 
-        let mut command = Command::new(envoy);
-        command
-            .arg("--config-path")
-            .arg(&config_path)
-            .arg("--admin-address-path")
-            .arg(&admin_path)
-            // Tests run in parallel: no shared memory between Envoys.
-            .arg("--disable-hot-restart")
-            .args(["--concurrency", "1", "--log-level", "warn"]);
-        clean_env(&mut command, &[] as &[(&str, &str)]);
-        let mut envoy = Process::spawn("envoy", command);
-        let (admin, addr) = wait_ready(&mut envoy, &admin_path);
+        let (envoy, admin, addr) = spawn(envoy, "envoy", &config_path, &admin_path);
         Gateway {
             addr,
             admin,
@@ -281,6 +270,29 @@ impl Drop for Sha256Sum {
 
 /// Polls the admin address file, then `/ready` and `/listeners`, until Envoy is live
 /// and its listener is bound, or panics with Envoy's log at the deadline.
+/// Starts Envoy on `config_path` (one worker, no hot restart: tests run in parallel and
+/// must share no memory) and waits until it is ready: the process, its admin address
+/// and its first listener's address.
+pub fn spawn(
+    envoy: &Path,
+    name: &str,
+    config_path: &Path,
+    admin_path: &Path,
+) -> (Process, SocketAddr, SocketAddr) {
+    let mut command = Command::new(envoy);
+    command
+        .arg("--config-path")
+        .arg(config_path)
+        .arg("--admin-address-path")
+        .arg(admin_path)
+        .arg("--disable-hot-restart")
+        .args(["--concurrency", "1", "--log-level", "warn"]);
+    clean_env(&mut command, &[] as &[(&str, &str)]);
+    let mut process = Process::spawn(name, command);
+    let (admin, addr) = wait_ready(&mut process, admin_path);
+    (process, admin, addr)
+}
+
 pub fn wait_ready(envoy: &mut Process, admin_path: &Path) -> (SocketAddr, SocketAddr) {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut admin = None;
