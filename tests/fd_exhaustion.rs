@@ -236,11 +236,27 @@ async fn out_of_descriptors_accept_backs_off_without_spinning_and_recovers() {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        let mut trigger = TcpStream::connect(addr).unwrap();
-        trigger.write_all(b"x").unwrap();
-        runnel
-            .wait_for_stderr(DEADLINE, |l| l.contains("accept failed; backing off"))
-            .unwrap_or_else(|| panic!("no accept error: {:?}", runnel.stderr()));
+        // The held scrapes time out one by one and free a descriptor now and then, so a
+        // trigger can still be accepted (its dial then fails for want of descriptors):
+        // keep knocking until an accept itself fails.
+        let mut triggers = Vec::new();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let mut trigger = TcpStream::connect(addr).unwrap();
+            trigger.write_all(b"x").unwrap();
+            triggers.push(trigger);
+            let failed = runnel.wait_for_stderr(Duration::from_millis(200), |l| {
+                l.contains("accept failed; backing off")
+            });
+            if failed.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no accept error: {:?}",
+                runnel.stderr()
+            );
+        }
         // Observe a window while out of descriptors: a spinning accept loop would burn
         // the whole window on one core.
         let before = cpu_ticks(pid);
@@ -249,7 +265,7 @@ async fn out_of_descriptors_accept_backs_off_without_spinning_and_recovers() {
         let used = cpu_ticks(pid) - before;
         let waited = window.elapsed();
         drop(held);
-        drop(trigger);
+        drop(triggers);
         // Service resumes.
         let deadline = Instant::now() + DEADLINE;
         loop {
