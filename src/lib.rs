@@ -151,6 +151,10 @@ pub async fn run(
         metrics.addr = admin_addr.map(|a| a.to_string()),
         upstream = %config.upstream,
         server_name = %config.server_name.to_str(),
+        // What the instance will hold, after the memory-derived default and the
+        // descriptor cap: an operator sees why connections queue.
+        max_connections = config.max_connections,
+        memory.limit_bytes = config::memory_limit(),
         "listening"
     );
 

@@ -109,29 +109,39 @@ impl KeyLogFile {
     }
 
     fn open(path: &std::path::Path) -> KeyLogFile {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let refuse = |why: &str| {
+            tracing::warn!(path = %path.display(), why, "SSLKEYLOGFILE: refused; no secrets will be written (fix it and restart runnel)");
+            KeyLogFile { file: None }
+        };
+        // No symbolic link: whoever can write the directory could point it anywhere.
         let opened = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path);
         let file = match opened {
             Ok(file) => file,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "SSLKEYLOGFILE: cannot open; no secrets will be written");
+                tracing::warn!(path = %path.display(), error = %e, "SSLKEYLOGFILE: cannot open (a symbolic link is refused); no secrets will be written");
                 return KeyLogFile { file: None };
             }
         };
-        // The mode of what was opened (fstat), not of whatever the path names now.
-        let mode = file.metadata().map_or(0, |m| {
-            if m.is_file() {
-                m.permissions().mode()
-            } else {
-                0
-            }
-        });
+        // What was opened (fstat), not whatever the path names now.
+        let Ok(meta) = file.metadata() else {
+            return refuse("cannot read its metadata");
+        };
+        if !meta.is_file() {
+            // /dev/stdout, a pipe: secrets would land in the logs or another process.
+            return refuse("not a regular file");
+        }
+        if meta.uid() != rustix::process::geteuid().as_raw() {
+            return refuse("owned by another user");
+        }
+        let mode = meta.permissions().mode();
         if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "SSLKEYLOGFILE: the file is readable or writable by other users; no secrets will be written (chmod 600 it, or remove it and runnel creates it 0600)");
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "SSLKEYLOGFILE: the file is readable or writable by other users; no secrets will be written (chmod 600 it, or remove it and runnel creates it 0600; then restart runnel)");
             return KeyLogFile { file: None };
         }
         KeyLogFile {

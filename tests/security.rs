@@ -390,3 +390,38 @@ async fn an_existing_key_log_is_appended_to_if_private_and_refused_if_not() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_log_that_is_not_a_regular_file_or_is_a_link_is_refused() {
+    let pki = pki();
+    let gateway = Gateway::start(pki.gateway_tls(&[b"http/1.1"]).unwrap(), Behaviour::Echo).await;
+    let dir = TempDir::new("keylog-odd");
+    let target = dir.path().join("target.log");
+    std::fs::write(&target, "").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    // /dev/null stands for /dev/stdout: secrets in the logs.
+    for path in ["/dev/null".to_owned(), link.display().to_string()] {
+        let vars = support::gateway::binary_vars(&pki, gateway.addr, &[("SSLKEYLOGFILE", &path)]);
+        let (mut runnel, listening) = support::gateway::serve_binary(vars).await;
+        support::gateway::exchange(listening.listen, b"x")
+            .await
+            .unwrap();
+        runnel.signal("TERM");
+        runnel.wait_exit(DEADLINE);
+        let warned = runnel
+            .stderr()
+            .iter()
+            .filter(|l| {
+                l.contains("SSLKEYLOGFILE: refused") || l.contains("SSLKEYLOGFILE: cannot open")
+            })
+            .count();
+        assert_eq!(warned, 1, "{path}: {:?}", runnel.stderr());
+    }
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "",
+        "secrets went through the link"
+    );
+}
