@@ -150,7 +150,7 @@ impl Connector {
         };
         match &result {
             // Out of descriptors or memory: this instance's trouble, not the gateway's.
-            Err(ConnectError::Tcp(e)) if crate::limits::is_local_exhaustion(e) => {}
+            Err(e) if e.kind() == "local_exhaustion" => {}
             // Under RUNNEL_ALPN=auto the h2 offer is a guess: a gateway that speaks only
             // HTTP/1.1 still serves every HTTP/1.1 connection.
             Err(e) if offer == Offer::H2 && e.kind() == "alpn_mismatch" => {}
@@ -231,7 +231,7 @@ impl Connector {
                     }
                     Some(Ok((addr, Err(e)))) => {
                         // Out of descriptors is runnel's trouble, not the address's.
-                        if !crate::limits::is_local_exhaustion(&e) {
+                        if !crate::error::is_local_exhaustion(&e) {
                             self.avoid.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, Instant::now() + AVOID_FOR);
                         }
                         last_error = Some(e);

@@ -56,10 +56,21 @@ pub enum ConnectError {
     AlpnMismatch(String),
 }
 
+/// Whether an error says this process or host ran out of a local resource
+/// (descriptors, buffers, memory): nothing the peer did, so never a reason to avoid
+/// the peer's address.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    let local = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM];
+    e.raw_os_error()
+        .is_some_and(|code| local.iter().any(|l| l.raw_os_error() == code))
+}
+
 /// Every value of the `kind` label of `runnel_upstream_errors_total`.
-pub const UPSTREAM_ERROR_KINDS: [&str; 10] = [
+pub const UPSTREAM_ERROR_KINDS: [&str; 11] = [
     "dns",
     "connect",
+    "local_exhaustion",
     "timeout",
     "closed_after_handshake",
     "unresponsive",
@@ -75,6 +86,9 @@ impl ConnectError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Dns(_) => "dns",
+            // Out of descriptors or memory here: not the gateway's fault, and not
+            // counted as such (readiness, the avoid list, the upstream alert).
+            Self::Tcp(e) if is_local_exhaustion(e) => "local_exhaustion",
             Self::Tcp(_) => "connect",
             Self::Timeout => "timeout",
             Self::Handshake(e) => tls_error_kind(e),
@@ -204,6 +218,14 @@ impl Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_a_local_kind_not_a_connect_failure() {
+        let emfile = io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert_eq!(ConnectError::Tcp(emfile).kind(), "local_exhaustion");
+        let refused = io::Error::from_raw_os_error(rustix::io::Errno::CONNREFUSED.raw_os_error());
+        assert_eq!(ConnectError::Tcp(refused).kind(), "connect");
+    }
 
     #[test]
     fn a_config_error_is_one_line_whatever_the_name_holds() {

@@ -95,15 +95,7 @@ pub fn fit(max_connections: usize, pooled: u64, limit: u64) -> Fit {
     }
 }
 
-/// Whether an error says this process or host ran out of a local resource
-/// (descriptors, buffers, memory): nothing the peer did, so never a reason to avoid
-/// the peer's address.
-pub fn is_local_exhaustion(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    let local = [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM];
-    e.raw_os_error()
-        .is_some_and(|code| local.iter().any(|l| l.raw_os_error() == code))
-}
+pub use crate::error::is_local_exhaustion;
 
 #[cfg(test)]
 mod tests {

@@ -60,7 +60,7 @@ pub const CATALOGUE: &[(&str, &str, &str, &str)] = &[
         UPSTREAM_ERRORS,
         "counter",
         "kind",
-        "upstream failures: dns, connect, timeout, closed_after_handshake, unresponsive, tls_alert_from_gateway, certificate_rejected, certificate_untrusted, alpn_mismatch, handshake",
+        "upstream failures: dns, connect, local_exhaustion, timeout, closed_after_handshake, unresponsive, tls_alert_from_gateway, certificate_rejected, certificate_untrusted, alpn_mismatch, handshake",
     ),
     (
         CA_NOT_AFTER,
