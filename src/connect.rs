@@ -150,7 +150,7 @@ impl Connector {
         };
         match &result {
             // Out of descriptors or memory: this instance's trouble, not the gateway's.
-            Err(e) if e.kind() == "local_exhaustion" => {}
+            Err(e) if e.is_local() => {}
             // Under RUNNEL_ALPN=auto the h2 offer is a guess: a gateway that speaks only
             // HTTP/1.1 still serves every HTTP/1.1 connection.
             Err(e) if offer == Offer::H2 && e.kind() == "alpn_mismatch" => {}

@@ -88,12 +88,17 @@ impl ConnectError {
             Self::Dns(_) => "dns",
             // Out of descriptors or memory here: not the gateway's fault, and not
             // counted as such (readiness, the avoid list, the upstream alert).
-            Self::Tcp(e) if is_local_exhaustion(e) => "local_exhaustion",
+            _ if self.is_local() => "local_exhaustion",
             Self::Tcp(_) => "connect",
             Self::Timeout => "timeout",
             Self::Handshake(e) => tls_error_kind(e),
             Self::AlpnMismatch(_) => "alpn_mismatch",
         }
+    }
+
+    /// Whether runnel's own instance ran out of descriptors or memory: not the gateway.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Tcp(e) if is_local_exhaustion(e))
     }
 
     /// The outcome a downstream connection gets when its upstream fails this way.

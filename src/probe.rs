@@ -80,7 +80,6 @@ async fn probe(
             };
             match probed {
                 Ok(()) => {
-                    connector.mark_accepted();
                     backoff = Duration::from_millis(100);
                     if !ready_logged {
                         ready_logged = true;

@@ -358,17 +358,10 @@ async fn an_existing_key_log_is_appended_to_if_private_and_refused_if_not() {
         let keylog = dir.path().join(format!("keys-{mode:o}.log"));
         std::fs::write(&keylog, "# an earlier session\n").unwrap();
         std::fs::set_permissions(&keylog, std::fs::Permissions::from_mode(mode)).unwrap();
-        let path = keylog.display().to_string();
-        let vars = support::gateway::binary_vars(&pki, gateway.addr, &[("SSLKEYLOGFILE", &path)]);
-        let (mut runnel, listening) = support::gateway::serve_binary(vars).await;
-        support::gateway::exchange(listening.listen, b"x")
-            .await
-            .unwrap();
-        runnel.signal("TERM");
-        runnel.wait_exit(DEADLINE);
+        let stderr =
+            one_exchange_with_key_log(&pki, gateway.addr, &keylog.display().to_string()).await;
         let text = std::fs::read_to_string(&keylog).unwrap();
-        let refused = runnel
-            .stderr()
+        let refused = stderr
             .iter()
             .filter(|l| {
                 l.contains("SSLKEYLOGFILE: the file is readable or writable by other users")
@@ -386,7 +379,7 @@ async fn an_existing_key_log_is_appended_to_if_private_and_refused_if_not() {
                 text, "# an earlier session\n",
                 "secrets went to a {mode:o} file"
             );
-            assert_eq!(refused, 1, "{:?}", runnel.stderr());
+            assert_eq!(refused, 1, "{stderr:?}");
         }
     }
 }
@@ -403,25 +396,35 @@ async fn a_key_log_that_is_not_a_regular_file_or_is_a_link_is_refused() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     // /dev/null stands for /dev/stdout: secrets in the logs.
     for path in ["/dev/null".to_owned(), link.display().to_string()] {
-        let vars = support::gateway::binary_vars(&pki, gateway.addr, &[("SSLKEYLOGFILE", &path)]);
-        let (mut runnel, listening) = support::gateway::serve_binary(vars).await;
-        support::gateway::exchange(listening.listen, b"x")
-            .await
-            .unwrap();
-        runnel.signal("TERM");
-        runnel.wait_exit(DEADLINE);
-        let warned = runnel
-            .stderr()
+        let stderr = one_exchange_with_key_log(&pki, gateway.addr, &path).await;
+        let warned = stderr
             .iter()
             .filter(|l| {
                 l.contains("SSLKEYLOGFILE: refused") || l.contains("SSLKEYLOGFILE: cannot open")
             })
             .count();
-        assert_eq!(warned, 1, "{path}: {:?}", runnel.stderr());
+        assert_eq!(warned, 1, "{path}: {stderr:?}");
     }
     assert_eq!(
         std::fs::read_to_string(&target).unwrap(),
         "",
         "secrets went through the link"
     );
+}
+
+/// Runs the runnel binary with `SSLKEYLOGFILE=path` through one exchange with
+/// `gateway`, stops it, and returns what it wrote to stderr.
+async fn one_exchange_with_key_log(
+    pki: &runnel::demo::Pki,
+    gateway: std::net::SocketAddr,
+    path: &str,
+) -> Vec<String> {
+    let vars = support::gateway::binary_vars(pki, gateway, &[("SSLKEYLOGFILE", path)]);
+    let (mut runnel, listening) = support::gateway::serve_binary(vars).await;
+    support::gateway::exchange(listening.listen, b"x")
+        .await
+        .unwrap();
+    runnel.signal("TERM");
+    runnel.wait_exit(DEADLINE);
+    runnel.stderr()
 }

@@ -95,6 +95,12 @@ pub(super) async fn watch(
     let retire_at = admitted + retire_after(pools.max_idle);
     let mut chunk = [0u8; 512];
     let speaks_first = admit::may_speak_first(&connected);
+    let outdated = outdated(
+        pools.connector.reloads(),
+        connected.info.generation,
+        random_unit(),
+    );
+    tokio::pin!(outdated);
     let mut event = loop {
         // Biased, the read first: a close, an alert or data that arrived together with
         // a checkout retires the connection instead of being handed out with it.
@@ -104,7 +110,7 @@ pub(super) async fn watch(
             t = &mut taken => Event::Take(t),
             _ = tokio::time::sleep_until(retire_at) => Event::MaxIdle,
             _ = pools.stop.cancelled() => Event::Drain,
-            _ = outdated(pools.connector.reloads(), connected.info.generation, random_unit()) => Event::Reloaded,
+            _ = &mut outdated => Event::Reloaded,
         };
         match event {
             Event::Read(Ok(n))
